@@ -1,0 +1,204 @@
+"""`AOTConfig`: the one frozen, validated description of an AOT reduction (AOT_SPEC.md)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+POOL_MODES = ("bilinear", "average")
+
+
+@dataclass(frozen=True)
+class AOTConfig:
+    """Static budgets and hyper-parameters of AOT for one video of `frames` frames.
+
+    Defaults follow the authors' reference code for LLaVA-OneVision-7B at 32 frames (AOT_SPEC §5);
+    `sinkhorn_iters` is the smallest fixed count that matches the reference's early-stopping Sinkhorn
+    (docs/benchmarks.md, "Sinkhorn iterations").
+    """
+
+    frames: int = 32
+    clip_len: int = 4
+    grid: int = 27
+    windows: int = 3
+    pool: int = 2
+    pool_mode: str = "bilinear"
+    anchors: int = 126
+    pooled_anchors: int = 32
+    keep: int = 10
+    sinkhorn_iters: int = 3
+    eps: float = 0.1
+    beta: float = 0.5
+    alpha: float = 0.1
+    lam: float = 1.0
+    sigma_t: float = 1.5
+    global_ratio: float = 0.5
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            expected = {"int": int, "float": (int, float), "str": str}[f.type]
+            if isinstance(value, bool) or not isinstance(value, expected):
+                raise ValueError(f"AOTConfig.{f.name} must be {f.type}, got {value!r}")
+        self._validate()
+
+    def _validate(self) -> None:
+        def fail(name: str, why: str) -> None:
+            raise ValueError(f"AOTConfig.{name}={getattr(self, name)!r}: {why}")
+
+        for name in ("frames", "clip_len", "grid", "windows", "pool", "anchors", "pooled_anchors",
+                     "sinkhorn_iters"):
+            if getattr(self, name) < 1:
+                fail(name, "must be >= 1")
+        if self.frames % self.clip_len:
+            fail("clip_len", f"must divide frames={self.frames} into whole clips")
+        if self.pool_mode not in POOL_MODES:
+            fail("pool_mode", f"must be one of {POOL_MODES}")
+        if self.windows > self.grid:
+            fail("windows", f"cannot exceed grid={self.grid}")
+        if self.pooled_grid < 1:
+            fail("pool", f"pools grid={self.grid} to nothing")
+        if not 0.0 <= self.global_ratio < 1.0:
+            fail("global_ratio", "must be in [0, 1)")
+        if self.anchors >= self.tokens_per_frame:
+            fail("anchors", f"must be < grid**2={self.tokens_per_frame} so that some tokens are pruned")
+        if self.local_per_window < 1:
+            fail("anchors", f"{self.anchors} anchors with global_ratio={self.global_ratio} leave no local "
+                            f"anchor for each of the {self.windows ** 2} windows; raise anchors or lower windows")
+        if self.local_per_window > self.smallest_window:
+            fail("anchors", f"asks {self.local_per_window} local anchors per window, but the smallest window "
+                            f"has {self.smallest_window} tokens")
+        if self.pooled_anchors > self.cells_per_frame:
+            fail("pooled_anchors", f"must be <= pooled cells per frame ({self.cells_per_frame})")
+        if not 0 <= self.keep <= self.pooled_anchors:
+            fail("keep", f"must be in [0, pooled_anchors={self.pooled_anchors}]")
+        for name in ("eps", "sigma_t"):
+            if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
+                fail(name, "must be a positive finite number")
+        for name in ("beta", "lam"):
+            if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
+                fail(name, "must be a non-negative finite number")
+        if not 0.0 <= self.alpha <= 1.0:
+            fail("alpha", "must be in [0, 1]")
+
+    # ---- derived quantities -------------------------------------------------------------------------------
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.grid * self.grid
+
+    @property
+    def pooled_grid(self) -> int:
+        # LLaVA-OneVision interpolates to ceil(G/2); LLaVA-Video's avg_pool2d floors.
+        if self.pool_mode == "bilinear":
+            return math.ceil(self.grid / self.pool)
+        return self.grid // self.pool
+
+    @property
+    def cells_per_frame(self) -> int:
+        return self.pooled_grid ** 2
+
+    @property
+    def local_per_window(self) -> int:
+        return math.floor(self.anchors * (1.0 - self.global_ratio)) // self.windows ** 2
+
+    @property
+    def global_anchors(self) -> int:
+        return self.anchors - self.windows ** 2 * self.local_per_window
+
+    @property
+    def smallest_window(self) -> int:
+        # Token row r lies in window row r*W//G; the smallest window is the product of the smallest spans.
+        counts = [0] * self.windows
+        for r in range(self.grid):
+            counts[r * self.windows // self.grid] += 1
+        return min(counts) ** 2
+
+    @property
+    def clips(self) -> int:
+        return self.frames // self.clip_len
+
+    @property
+    def inter_frame(self) -> bool:
+        """Clips of one frame have nothing to merge: the inter-frame stage is off and frames pass through."""
+        return self.clip_len > 1
+
+    @property
+    def tokens_per_clip(self) -> int:
+        if not self.inter_frame:
+            return self.pooled_anchors
+        return 2 * self.pooled_anchors + (self.clip_len - 1) * self.keep
+
+    @property
+    def output_tokens(self) -> int:
+        return self.clips * self.tokens_per_clip
+
+    @property
+    def input_tokens(self) -> int:
+        """Visual tokens the LLM would receive without AOT (every pooled cell of every frame)."""
+        return self.frames * self.cells_per_frame
+
+    @property
+    def retention(self) -> float:
+        return self.output_tokens / self.input_tokens
+
+    # ---- construction and serialisation ---------------------------------------------------------------------
+    @classmethod
+    def from_retention(cls, frames: int, retention: float, *, keep_ratio: float = 0.3,
+                       anchors: int | None = None, **overrides: Any) -> "AOTConfig":
+        """Solve `pooled_anchors`, `keep` (and `anchors` unless given) for a target retention.
+
+        The largest `pooled_anchors` A with `keep = round(keep_ratio*A)` whose output does not exceed
+        `retention` is chosen; `anchors` defaults to the per-frame token count whose share of the grid equals
+        A's share of the pooled cells (anchors cover about the cells they are pooled into), at least one local
+        anchor per window.
+        """
+        if not 0.0 < retention <= 1.0:
+            raise ValueError(f"retention={retention!r}: must be in (0, 1]")
+        if not 0.0 <= keep_ratio <= 1.0:
+            raise ValueError(f"keep_ratio={keep_ratio!r}: must be in [0, 1]")
+        fixed = {k: v for k, v in overrides.items() if k not in ("pooled_anchors", "keep")}
+        windows = fixed.get("windows", cls.windows)
+        global_ratio = fixed.get("global_ratio", cls.global_ratio)
+        # The fewest anchors that still give every window one local anchor.
+        fewest = math.ceil(windows ** 2 / (1.0 - global_ratio)) if 0 <= global_ratio < 1 else 1
+        probe = cls(frames=frames, anchors=anchors or fewest, pooled_anchors=1, keep=0, **fixed)
+        solved = 0
+        for a in range(1, probe.cells_per_frame + 1):
+            candidate = dataclasses.replace(probe, pooled_anchors=a, keep=min(a, round(keep_ratio * a)))
+            if candidate.retention > retention + 1e-12:
+                break
+            solved = a
+        if solved == 0:
+            raise ValueError(f"retention={retention!r}: too low for frames={frames}; one cell per frame already "
+                             f"gives {probe.retention:.4f}")
+        if anchors is None:
+            covering = round(solved * probe.tokens_per_frame / probe.cells_per_frame)
+            anchors = min(max(fewest, covering), probe.tokens_per_frame - 1)
+        return dataclasses.replace(probe, anchors=anchors, pooled_anchors=solved,
+                                   keep=min(solved, round(keep_ratio * solved)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "AOTConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"AOTConfig: unknown field(s) {unknown}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "AOTConfig":
+        return cls.from_dict(json.loads(text))
+
+    @property
+    def hash(self) -> str:
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]

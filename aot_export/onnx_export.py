@@ -1,0 +1,48 @@
+"""Export AOT graphs with the dynamo exporter at opset 18 (static shapes, TopK k constants)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import onnx
+import torch
+
+from .artifacts import atomic_file
+from .config import AOTConfig
+from .onnx_lint import graph_findings
+from .reducer import AOTReducer
+
+OPSET = 18
+REDUCER_INPUTS = ("features", "score_shallow", "score_deep")
+OUTPUTS = ("tokens", "index")
+
+
+def reducer_example_inputs(cfg: AOTConfig, hidden: int, dtype: torch.dtype = torch.float32,
+                           seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    n = cfg.tokens_per_frame
+    return (torch.randn(cfg.frames, n, hidden, generator=g).to(dtype),
+            torch.rand(cfg.frames, n, generator=g), torch.rand(cfg.frames, n, generator=g))
+
+
+def export_module(module: torch.nn.Module, example_inputs: tuple, input_names: tuple[str, ...],
+                  output_names: tuple[str, ...], out_path: str | os.PathLike) -> onnx.ModelProto:
+    """Trace `module` once, save the ONNX atomically, and refuse a graph that is not static."""
+    program = torch.onnx.export(module.eval(), example_inputs, dynamo=True, opset_version=OPSET,
+                                input_names=list(input_names), output_names=list(output_names), verbose=False)
+    model = program.model_proto
+    onnx.checker.check_model(model, full_check=True)
+    findings = graph_findings(model)
+    if findings:
+        raise RuntimeError("exported graph is not static: " + "; ".join(map(str, findings)))
+    with atomic_file(out_path) as staging:
+        onnx.save(model, staging)
+    return model
+
+
+def export_reducer(cfg: AOTConfig, hidden: int, out_path: str | os.PathLike,
+                   dtype: torch.dtype = torch.float32) -> Path:
+    """The reducer alone as `features [T,N,H], score_shallow [T,N], score_deep [T,N] -> tokens, index`."""
+    export_module(AOTReducer(cfg), reducer_example_inputs(cfg, hidden, dtype), REDUCER_INPUTS, OUTPUTS, out_path)
+    return Path(out_path)

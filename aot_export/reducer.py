@@ -1,0 +1,294 @@
+"""AOT token reduction with static shapes (AOT_SPEC §1–§4), exportable to one ONNX graph.
+
+Every function works on a batch of frames (or clips) at once; the only Python loop is over the `clip_len - 1`
+frames inside a clip, because each frame merges into the anchors the previous one left behind.
+Every count comes from the config, so every shape is known when the graph is traced.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import AOTConfig
+
+# A log-marginal that carries no mass: exp(-1e4) is exactly 0 in fp32, and unlike -inf it keeps every
+# arithmetic path (max-subtraction inside logsumexp, TensorRT reductions) free of inf - inf.
+NO_MASS = -1.0e4
+
+
+# ---- selection ----------------------------------------------------------------------------------------------
+def top_k_mask(k: int, *keys: Tensor) -> Tensor:
+    """Bool mask of the `k` best entries along the last dim: largest first key, ties to the next key, then to the
+    lower index. Exact on every backend: only the k-th value is taken from TopK, never its tie order."""
+    lowest = torch.finfo(keys[0].dtype).min
+    candidates = torch.ones_like(keys[0], dtype=torch.bool)
+    chosen = torch.zeros_like(candidates)
+    need = torch.full_like(keys[0][..., :1], k, dtype=torch.long)
+    for key in keys:
+        masked = torch.where(candidates, key, torch.full_like(key, lowest))
+        ranked = torch.topk(masked, k, dim=-1).values
+        threshold = ranked.gather(-1, (need - 1).clamp(min=0))
+        better = candidates & (masked > threshold)
+        chosen = chosen | better
+        need = need - better.sum(-1, keepdim=True)
+        candidates = candidates & (masked == threshold)
+    first_ties = candidates & (torch.cumsum(candidates.to(torch.int32), dim=-1) <= need)
+    return chosen | first_ties
+
+
+def mask_indices(mask: Tensor, k: int) -> Tensor:
+    """Ascending indices of the `k` set entries of each row of `mask`: the key `n - i` is distinct per entry."""
+    n = mask.shape[-1]
+    descending = torch.arange(n, 0, -1, device=mask.device, dtype=torch.float32)
+    return torch.topk(mask.float() * descending, k, dim=-1).indices
+
+
+def top_k_raster(k: int, *keys: Tensor) -> Tensor:
+    """Indices of the `k` best entries (see `top_k_mask`), in ascending (raster) order."""
+    return mask_indices(top_k_mask(k, *keys), k)
+
+
+def window_table(grid: int, windows: int) -> Tensor:
+    """[windows², largest window] token indices of each window; uneven windows are padded with N, the index of
+    the lowest-scoring pad column that `select_anchors` appends."""
+    rows = [[r for r in range(grid) if r * windows // grid == w] for w in range(windows)]
+    members = [[r * grid + c for r in rows[wr] for c in rows[wc]] for wr in range(windows) for wc in range(windows)]
+    width = max(len(m) for m in members)
+    return torch.tensor([m + [grid * grid] * (width - len(m)) for m in members], dtype=torch.long)
+
+
+def select_anchors(cfg: AOTConfig, table: Tensor, score_shallow: Tensor, score_deep: Tensor,
+                   global_anchors: int | None = None) -> Tensor:
+    """[T, N] bool mask: `local_per_window` local anchors in every window by the shallow score, then
+    `global_anchors` (default `cfg.global_anchors`) more among the rest by the deep score (AOT_SPEC §1)."""
+    frames, n = score_shallow.shape
+    lowest = torch.finfo(score_deep.dtype).min
+    padded = torch.cat([score_shallow, score_shallow.new_full((frames, 1), lowest)], dim=1)
+    window_scores = padded.index_select(1, table.flatten()).view(frames, *table.shape)  # [T, W², w]
+    # Window members are listed in raster order, so a lower position is a lower token index.
+    local_pos = top_k_raster(cfg.local_per_window, window_scores)                  # [T, W², k_loc]
+    local_idx = table.expand(frames, -1, -1).gather(2, local_pos).flatten(1)
+    local = torch.zeros(frames, n, dtype=torch.bool, device=score_deep.device).scatter(1, local_idx, True)
+    remaining = torch.where(local, torch.full_like(score_deep, lowest), score_deep)
+    return local | top_k_mask(cfg.global_anchors if global_anchors is None else global_anchors, remaining)
+
+
+# ---- optimal transport ----------------------------------------------------------------------------------------
+def log_sinkhorn(cost: Tensor, log_mu: Tensor, log_nu: Tensor, eps: float, iters: int) -> Tensor:
+    """Entropic OT plan for `cost` [B, M, V] with marginals exp(log_mu) [B, M], exp(log_nu) [B, V].
+
+    The plain iterations r <- mu / (K c), c <- nu / (K^T r) from r = c = 1, carried out on log r and log c.
+    """
+    log_kernel = -cost / eps
+    log_r = torch.zeros_like(log_mu)
+    log_c = torch.zeros_like(log_nu)
+    for _ in range(iters):
+        log_r = log_mu - torch.logsumexp(log_kernel + log_c.unsqueeze(1), dim=2)
+        log_c = log_nu - torch.logsumexp(log_kernel + log_r.unsqueeze(2), dim=1)
+    return torch.exp(log_r.unsqueeze(2) + log_kernel + log_c.unsqueeze(1))
+
+
+def cosine(x: Tensor, y: Tensor) -> Tensor:
+    """[B, M, V] cosine similarity of rows of x [B, M, H] and y [B, V, H] (norms clamped at 1e-12 as
+    F.normalize does); divides the small product rather than normalising the wide inputs."""
+    x_norm = x.norm(dim=-1).clamp_min(1e-12).unsqueeze(-1)
+    y_norm = y.norm(dim=-1).clamp_min(1e-12).unsqueeze(-2)
+    return (x @ y.transpose(1, 2)) / (x_norm * y_norm)
+
+
+def gather_rows(x: Tensor, index: Tensor) -> Tensor:
+    """x [B, N, H] at index [B, K] -> [B, K, H]."""
+    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def grid_positions(grid: int) -> Tensor:
+    """[N, 2] (col, row) / (G - 1) of every token of a row-major G×G grid."""
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    return torch.stack([cols, rows], dim=-1).flatten(0, 1).float() / max(grid - 1, 1)
+
+
+Sinkhorn = Callable[[Tensor, Tensor, Tensor], Tensor]
+"""(cost [B, M, V], log_mu [B, M], log_nu [B, V]) -> transport plan [B, M, V]."""
+
+
+def fixed_sinkhorn(cfg: AOTConfig) -> Sinkhorn:
+    """The exported solver: `cfg.sinkhorn_iters` log-domain iterations at `cfg.eps`."""
+    return lambda cost, log_mu, log_nu: log_sinkhorn(cost, log_mu, log_nu, cfg.eps, cfg.sinkhorn_iters)
+
+
+def intra_frame_transport(cfg: AOTConfig, features: Tensor, anchor_idx: Tensor, positions: Tensor,
+                          sinkhorn: Sinkhorn | None = None) -> Tensor:
+    """Fold every frame's pruned tokens into its anchors (AOT_SPEC §2). Returns the updated anchors [T, V, H]."""
+    n_anchors = anchor_idx.shape[1]
+    anchors = gather_rows(features, anchor_idx)                                                    # [T, V, H]
+    pruned = torch.ones_like(features[..., 0], dtype=torch.bool).scatter(1, anchor_idx, False)     # [T, N]
+    similarity = cosine(features, anchors)                                                         # [T, N, V]
+    anchor_pos = positions[anchor_idx]                                                             # [T, V, 2]
+    distance = (positions[None, :, None, :] - anchor_pos[:, None, :, :]).pow(2).sum(-1).sqrt()     # [T, N, V]
+    cost = (1.0 - similarity) + cfg.beta * distance
+    # Anchors are not sources: their rows carry no mass, which is the M×V problem written on all N rows.
+    log_mu = torch.where(pruned, torch.full_like(cost[..., 0], -math.log(cfg.tokens_per_frame - n_anchors)),
+                         torch.full_like(cost[..., 0], NO_MASS))
+    log_nu = torch.full_like(cost[:, 0, :], -math.log(n_anchors))
+    plan = (sinkhorn or fixed_sinkhorn(cfg))(cost, log_mu, log_nu)                                # [T, N, V]
+    absorbed = plan.sum(1, keepdim=True)                                                           # [T, 1, V]
+    # y~ = (y + lam·Πᵀx) / (1 + lam·m), written as self-weight · y + weightsᵀ · x so that every blend below
+    # stays one product with the wide features.
+    self_weight = 1.0 / (1.0 + cfg.lam * absorbed)
+    weights = cfg.lam * plan * self_weight
+    if cfg.alpha > 0:
+        nearest = similarity.argmax(-1, keepdim=True)                                              # [T, N, 1]
+        members = ((nearest == torch.arange(n_anchors, device=features.device)) & pruned.unsqueeze(-1)).float()
+        hard_weight = 1.0 / (1.0 + members.sum(1, keepdim=True))                                   # [T, 1, V]
+        self_weight = (1.0 - cfg.alpha) * self_weight + cfg.alpha * hard_weight
+        weights = (1.0 - cfg.alpha) * weights + cfg.alpha * members * hard_weight
+    return self_weight.transpose(1, 2) * anchors + weights.transpose(1, 2) @ features
+
+
+# ---- pooling ----------------------------------------------------------------------------------------------------
+def pool_grid(cfg: AOTConfig, values: Tensor) -> Tensor:
+    """[T, N, C] on the G×G grid -> [T, P, C] on the pooled grid, exactly as the VLM pools its video features."""
+    frames, _, channels = values.shape
+    image = values.transpose(1, 2).reshape(frames, channels, cfg.grid, cfg.grid)
+    if cfg.pool_mode == "bilinear":
+        pooled = F.interpolate(image, size=(cfg.pooled_grid, cfg.pooled_grid), mode="bilinear", align_corners=False)
+    else:
+        pooled = F.avg_pool2d(image, kernel_size=cfg.pool, stride=cfg.pool)
+    return pooled.flatten(2).transpose(1, 2)
+
+
+def pooling_matrix(cfg: AOTConfig) -> Tensor:
+    """[P, N]: pooling is linear, so pooling the one-hot grids gives its weights, exactly as `pool_grid` uses them."""
+    identity = torch.eye(cfg.tokens_per_frame).unsqueeze(0)
+    return pool_grid(cfg, identity)[0].contiguous()
+
+
+def mask_quantum(cfg: AOTConfig) -> float:
+    """Every pooled 0/1 mask value is an exact multiple of 1/quantum: bilinear weights with align_corners=False
+    are multiples of 1/(2·Gp) per axis, average pooling of 1/pool per axis. Rounding to it makes ties exact."""
+    return 4.0 * cfg.pooled_grid ** 2 if cfg.pool_mode == "bilinear" else float(cfg.pool ** 2)
+
+
+def retained_cells(cfg: AOTConfig, pooled_mask: Tensor, pooled_deep: Tensor) -> Tensor:
+    """[T, A] cells kept per frame, raster order: the largest pooled anchor mask, then the largest pooled deep
+    score (AOT_SPEC §3, static variant)."""
+    quantised = torch.round(pooled_mask * mask_quantum(cfg))
+    return top_k_raster(cfg.pooled_anchors, quantised, pooled_deep)
+
+
+def pool_retained(features: Tensor, anchors: Tensor, updated: Tensor, anchor_idx: Tensor, weights: Tensor) -> Tensor:
+    """The retained cells [T, A, H] of the pooled grid in which anchors carry their updated values: pooling is
+    linear, so pool the original grid and add the pooled anchor updates; `weights` [T, A, N] are the kept rows
+    of the pooling matrix."""
+    anchor_weights = weights.gather(2, anchor_idx.unsqueeze(1).expand(-1, weights.shape[1], -1))  # [T, A, V]
+    return weights @ features + anchor_weights @ (updated - anchors)
+
+
+# ---- inter-frame ------------------------------------------------------------------------------------------------
+def temporal_scale(cfg: AOTConfig, offset: int) -> float:
+    return 1.0 - math.exp(-offset ** 2 / (2.0 * cfg.sigma_t ** 2))
+
+
+def merge_into_anchors(cfg: AOTConfig, anchors: Tensor, sources: Tensor, weights: Tensor) -> Tensor:
+    """a_m <- (a_m + lam·Σ_i w_im x_i) / (1 + lam·Σ_i w_im) for weights [C, S, A] of sources [C, S, H]."""
+    return (anchors + cfg.lam * weights.transpose(1, 2) @ sources) / (1.0 + cfg.lam * weights.sum(1).unsqueeze(-1))
+
+
+def inter_frame_cost(cfg: AOTConfig, sources: Tensor, anchors: Tensor, offset: int) -> Tensor:
+    """Cosine cost shifted to start at 0 and scaled by how far the frame is from its keyframe."""
+    limit = 1.0 - 1e-6
+    dissimilarity = 1.0 - cosine(sources, anchors).clamp(-limit, limit)
+    return (dissimilarity - dissimilarity.amin(dim=(1, 2), keepdim=True)) * temporal_scale(cfg, offset)
+
+
+def inter_frame_transport(cfg: AOTConfig, tokens: Tensor,
+                          sinkhorn: Sinkhorn | None = None) -> tuple[Tensor, Tensor]:
+    """Per clip [C, L, A, H]: merge frames 2…L into the keyframe anchors, keep each frame's `keep` most distinct
+    tokens (AOT_SPEC §4). Returns kept positions [C, L-1, K] (raster order) and updated anchors [C, A, H]."""
+    anchors = tokens[:, 0]
+    kept_positions = []
+    for offset in range(1, cfg.clip_len):
+        sources = tokens[:, offset]
+        cost = inter_frame_cost(cfg, sources, anchors, offset)
+        uniform = torch.full_like(cost[:, :, 0], -math.log(cfg.pooled_anchors))
+        plan = (sinkhorn or fixed_sinkhorn(cfg))(cost, uniform, uniform)
+        assignment = plan / plan.sum(-1, keepdim=True)                                         # rows sum to 1
+        confidence = assignment.amax(-1)                                                       # [C, A]
+        merged = torch.ones_like(confidence)
+        if cfg.keep:
+            distinct = top_k_raster(cfg.keep, -confidence)
+            merged = merged.scatter(1, distinct, 0.0)
+            kept_positions.append(distinct)
+        weights = assignment * merged.unsqueeze(-1)
+        anchors = merge_into_anchors(cfg, anchors, sources, weights)
+    if not kept_positions:
+        return tokens.new_zeros(tokens.shape[0], cfg.clip_len - 1, 0, dtype=torch.long), anchors
+    return torch.stack(kept_positions, dim=1), anchors
+
+
+# ---- the module ----------------------------------------------------------------------------------------------------
+class AOTReducer(nn.Module):
+    """`tokens, index = AOTReducer(cfg)(features [T,N,H], score_shallow [T,N], score_deep [T,N])`.
+
+    tokens [cfg.output_tokens, H] in the input dtype (all arithmetic in fp32); index [cfg.output_tokens, 3] int32
+    (frame, row, col) on the pooled grid. Per clip: keyframe cells, kept cells of frames 2…L, updated anchors.
+    """
+
+    def __init__(self, cfg: AOTConfig, sinkhorn: Sinkhorn | None = None):
+        super().__init__()
+        self.cfg = cfg
+        # Another solver (e.g. the reference's early stopping) is for measurement only; exports use the default.
+        self.sinkhorn = sinkhorn or fixed_sinkhorn(cfg)
+        self.register_buffer("windows", window_table(cfg.grid, cfg.windows), persistent=False)
+        self.register_buffer("positions", grid_positions(cfg.grid), persistent=False)
+        self.register_buffer("pooling", pooling_matrix(cfg), persistent=False)
+
+    def forward(self, features: Tensor, score_shallow: Tensor, score_deep: Tensor) -> tuple[Tensor, Tensor]:
+        cfg = self.cfg
+        out_dtype = features.dtype
+        features, score_shallow, score_deep = features.float(), score_shallow.float(), score_deep.float()
+        hidden = features.shape[-1]
+
+        anchor_mask, cells = self.select(score_shallow, score_deep)                            # [T, N], [T, A]
+        anchor_idx = mask_indices(anchor_mask, cfg.anchors)                                    # [T, V]
+        updated = intra_frame_transport(cfg, features, anchor_idx, self.positions, self.sinkhorn)  # [T, V, H]
+        retained = pool_retained(features, gather_rows(features, anchor_idx), updated, anchor_idx,
+                                 self.pooling[cells])                                          # [T, A, H]
+        frame_ids = torch.arange(cfg.frames, device=cells.device).unsqueeze(-1).expand_as(cells)
+
+        if not cfg.inter_frame:
+            return (retained.reshape(-1, hidden).to(out_dtype),
+                    self._index(frame_ids.reshape(-1), cells.reshape(-1)))
+
+        shape = (cfg.clips, cfg.clip_len, cfg.pooled_anchors)
+        clip_tokens = retained.reshape(*shape, hidden)
+        clip_cells = cells.reshape(shape)
+        clip_frames = frame_ids.reshape(shape)
+        kept_pos, anchors = inter_frame_transport(cfg, clip_tokens, self.sinkhorn)                          # [C, L-1, K]
+        later_tokens = clip_tokens[:, 1:].flatten(1, 2)                                        # [C, (L-1)A, H]
+        offsets = (torch.arange(cfg.clip_len - 1, device=cells.device) * cfg.pooled_anchors).view(1, -1, 1)
+        kept_flat = (kept_pos + offsets).flatten(1)                                            # [C, (L-1)K]
+        kept_tokens = gather_rows(later_tokens, kept_flat)
+        kept_cells = clip_cells[:, 1:].flatten(1).gather(1, kept_flat)
+        kept_frames = clip_frames[:, 1:].flatten(1).gather(1, kept_flat)
+
+        tokens = torch.cat([clip_tokens[:, 0], kept_tokens, anchors], dim=1)
+        out_cells = torch.cat([clip_cells[:, 0], kept_cells, clip_cells[:, 0]], dim=1)
+        out_frames = torch.cat([clip_frames[:, 0], kept_frames, clip_frames[:, 0]], dim=1)
+        return tokens.reshape(-1, hidden).to(out_dtype), self._index(out_frames.reshape(-1), out_cells.reshape(-1))
+
+    def select(self, score_shallow: Tensor, score_deep: Tensor) -> tuple[Tensor, Tensor]:
+        """Which tokens become anchors [T, N] and which pooled cells are kept [T, A]: the scores decide both."""
+        anchor_mask = select_anchors(self.cfg, self.windows, score_shallow.float(), score_deep.float())
+        pooled_mask = anchor_mask.float() @ self.pooling.T                                     # [T, P]
+        pooled_deep = score_deep.float() @ self.pooling.T
+        return anchor_mask, retained_cells(self.cfg, pooled_mask, pooled_deep)
+
+    def _index(self, frames: Tensor, cells: Tensor) -> Tensor:
+        grid = self.cfg.pooled_grid
+        return torch.stack([frames, cells // grid, cells % grid], dim=-1).to(torch.int32)

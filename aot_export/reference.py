@@ -1,0 +1,171 @@
+"""The dynamic AOT the authors ran (AOT_SPEC §1–§4, reference-code column), to measure how far the static,
+exportable variant drifts from it. Never exported: its token counts depend on the data.
+
+Differences from `AOTReducer`, each one a rule of the reference code:
+- global anchors: `V - floor(V·(1 - global_ratio))` of them, so a frame may hold a few more or fewer than V;
+- Sinkhorn in the plain domain, stopped once the mean change of the row scaling is below `tol` (max `max_iters`);
+- pooled cells kept where the pooled anchor mask is >= 0.5 (a data-dependent count per frame);
+- distinct tokens: those whose confidence is at most the per-frame `keep / pooled_anchors` quantile.
+Computation is float64, so that the drift measured is the rules', not rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .config import AOTConfig
+from .reducer import (cosine, grid_positions, inter_frame_cost, intra_frame_transport, mask_indices,
+                      merge_into_anchors, pooling_matrix, select_anchors, window_table)
+
+SINKHORN_TOL = 1e-2
+SINKHORN_MAX_ITERS = 100
+
+
+def early_stopping_sinkhorn(cost: Tensor, mu: Tensor, nu: Tensor, eps: float, tol: float = SINKHORN_TOL,
+                            max_iters: int = SINKHORN_MAX_ITERS) -> tuple[Tensor, Tensor]:
+    """Plain-domain Sinkhorn on a batch [B, M, V], each problem stopped on its own when the mean change of the
+    row scaling over the rows that carry mass is below `tol`. Returns the plan and each problem's iterations."""
+    kernel = torch.exp(-cost / eps)
+    r, c = torch.ones_like(mu), torch.ones_like(nu)
+    sources = (mu > 0).sum(-1).clamp_min(1)
+    iterations = torch.zeros(cost.shape[0], dtype=torch.long)
+    running = torch.ones(cost.shape[0], dtype=torch.bool)
+    for _ in range(max_iters):
+        new_r = mu / (kernel @ c.unsqueeze(-1)).squeeze(-1)
+        new_c = nu / (kernel.transpose(1, 2) @ new_r.unsqueeze(-1)).squeeze(-1)
+        converged = (new_r - r).abs().sum(-1) / sources < tol
+        r = torch.where(running.unsqueeze(-1), new_r, r)
+        c = torch.where(running.unsqueeze(-1), new_c, c)
+        iterations += running.long()
+        running &= ~converged
+        if not running.any():
+            break
+    return r.unsqueeze(-1) * kernel * c.unsqueeze(-2), iterations
+
+
+class EarlyStoppingSinkhorn:
+    """The reference solver behind the `Sinkhorn` interface of `aot_export.reducer`; records iterations run."""
+
+    def __init__(self, eps: float, tol: float = SINKHORN_TOL, max_iters: int = SINKHORN_MAX_ITERS):
+        self.eps, self.tol, self.max_iters = eps, tol, max_iters
+        self.iterations: list[Tensor] = []
+
+    def __call__(self, cost: Tensor, log_mu: Tensor, log_nu: Tensor) -> Tensor:
+        plan, iterations = early_stopping_sinkhorn(cost, log_mu.exp(), log_nu.exp(), self.eps, self.tol,
+                                                   self.max_iters)
+        self.iterations.append(iterations)
+        return plan
+
+
+@dataclass
+class ReferenceOutput:
+    tokens: Tensor                     # [n, H] float64, n data-dependent
+    index: Tensor                      # [n, 3] (frame, row, col), same layout per clip as AOTReducer
+    role: Tensor                       # [n] 0 keyframe token, 1 kept distinct token, 2 updated anchor
+    anchor_mask: Tensor                # [T, N] intra-frame anchors
+    retained: list[Tensor]             # per frame: kept pooled cells (raster order)
+    intra_iterations: Tensor           # [T] Sinkhorn iterations per frame
+    inter_iterations: list[int] = field(default_factory=list)
+
+
+def reference_aot(cfg: AOTConfig, features: Tensor, score_shallow: Tensor, score_deep: Tensor,
+                  tol: float = SINKHORN_TOL, max_iters: int = SINKHORN_MAX_ITERS) -> ReferenceOutput:
+    features, score_shallow, score_deep = features.double(), score_shallow.double(), score_deep.double()
+    n_global = cfg.anchors - math.floor(cfg.anchors * (1.0 - cfg.global_ratio))
+    anchor_mask = select_anchors(cfg, window_table(cfg.grid, cfg.windows), score_shallow, score_deep, n_global)
+    n_anchors = cfg.windows ** 2 * cfg.local_per_window + n_global
+    anchor_idx = mask_indices(anchor_mask, n_anchors)
+
+    solver = EarlyStoppingSinkhorn(cfg.eps, tol, max_iters)
+    updated = intra_frame_transport(cfg, features, anchor_idx, grid_positions(cfg.grid).double(), solver)
+    intra_iterations = solver.iterations.pop()
+    grid = features.scatter(1, anchor_idx.unsqueeze(-1).expand_as(updated), updated)
+    pooling = pooling_matrix(cfg).double()
+    pooled = pooling @ grid                                                          # [T, P, H]
+    pooled_mask = anchor_mask.double() @ pooling.T
+    retained = [torch.nonzero(frame_mask >= 0.5 - 1e-9).squeeze(-1) for frame_mask in pooled_mask]
+
+    gp = cfg.pooled_grid
+    keep_ratio = cfg.keep / cfg.pooled_anchors
+    tokens, index, role, inter_iterations = [], [], [], []
+
+    def emit(values: Tensor, frame: int, cells: Tensor, kind: int) -> None:
+        tokens.append(values)
+        index.append(torch.stack([torch.full_like(cells, frame), cells // gp, cells % gp], dim=-1))
+        role.append(torch.full_like(cells, kind))
+
+    for key in range(0, cfg.frames, cfg.clip_len):
+        key_cells = retained[key]
+        emit(pooled[key, key_cells], key, key_cells, 0)
+        if not cfg.inter_frame:
+            continue
+        anchors = pooled[key, key_cells].unsqueeze(0)
+        for offset in range(1, cfg.clip_len):
+            frame = key + offset
+            cells = retained[frame]
+            sources = pooled[frame, cells].unsqueeze(0)
+            if len(cells) == 0 or anchors.shape[1] == 0:
+                continue
+            cost = inter_frame_cost(cfg, sources, anchors, offset)
+            plan = solver(cost, torch.full_like(cost[:, :, 0], -math.log(cost.shape[1])),
+                          torch.full_like(cost[:, 0, :], -math.log(cost.shape[2])))
+            inter_iterations.append(int(solver.iterations.pop()[0]))
+            assignment = plan / plan.sum(-1, keepdim=True)
+            confidence = assignment.amax(-1)[0]
+            distinct = confidence <= torch.quantile(confidence, keep_ratio) if cfg.keep else torch.zeros_like(
+                confidence, dtype=torch.bool)
+            emit(sources[0, distinct], frame, cells[distinct], 1)
+            anchors = merge_into_anchors(cfg, anchors, sources, assignment * (~distinct).double()[None, :, None])
+        emit(anchors[0], key, key_cells, 2)
+
+    return ReferenceOutput(torch.cat(tokens), torch.cat(index), torch.cat(role), anchor_mask, retained,
+                           intra_iterations, inter_iterations)
+
+
+def output_roles(cfg: AOTConfig) -> Tensor:
+    """[cfg.output_tokens] role of every token `AOTReducer` emits: 0 keyframe, 1 kept distinct, 2 updated anchor."""
+    if not cfg.inter_frame:
+        return torch.zeros(cfg.output_tokens, dtype=torch.long)
+    clip = [0] * cfg.pooled_anchors + [1] * ((cfg.clip_len - 1) * cfg.keep) + [2] * cfg.pooled_anchors
+    return torch.tensor(clip * cfg.clips)
+
+
+def agreement(cfg: AOTConfig, tokens: Tensor, index: Tensor, anchor_mask: Tensor, cells: Tensor,
+              ref: ReferenceOutput) -> dict[str, float]:
+    """How far a static run (`AOTReducer` output, and `AOTReducer.select`'s anchor mask and cells) is from the
+    reference on the same input.
+
+    Tokens are matched by (role, frame, row, col); `token_set_jaccard` is |static ∩ ref| / |static ∪ ref| of
+    those keys, cosines are over matched tokens. `cell_rule_differs` is the share of frames whose static top-A
+    cells differ from the reference's >= 0.5 cells.
+    """
+    def keys(roles: Tensor, idx: Tensor) -> dict[tuple[int, ...], int]:
+        rows = torch.cat([roles.unsqueeze(-1), idx.long()], dim=-1).tolist()
+        return {tuple(row): i for i, row in enumerate(rows)}
+
+    static_keys, ref_keys = keys(output_roles(cfg), index), keys(ref.role, ref.index)
+    matched = sorted(set(static_keys) & set(ref_keys))
+    union = len(set(static_keys) | set(ref_keys))
+    cos = torch.nn.functional.cosine_similarity(
+        tokens[[static_keys[k] for k in matched]].double(), ref.tokens[[ref_keys[k] for k in matched]], dim=-1)
+    differs = [set(static.tolist()) != set(reference.tolist()) for static, reference in zip(cells, ref.retained)]
+    anchors_static, anchors_ref = anchor_mask.bool(), ref.anchor_mask.bool()
+    return {
+        "static_tokens": float(len(static_keys)),
+        "reference_tokens": float(len(ref_keys)),
+        "token_set_jaccard": len(matched) / union,
+        "matched_cosine_mean": float(cos.mean()) if matched else float("nan"),
+        "matched_cosine_min": float(cos.min()) if matched else float("nan"),
+        "anchor_jaccard": float((anchors_static & anchors_ref).sum() / (anchors_static | anchors_ref).sum()),
+        "cell_rule_differs": sum(differs) / len(differs),
+        "reference_cells_mean": sum(len(c) for c in ref.retained) / len(ref.retained),
+        "intra_iterations_mean": float(ref.intra_iterations.double().mean()),
+        "intra_iterations_max": float(ref.intra_iterations.max()),
+        "inter_iterations_mean": (sum(ref.inter_iterations) / len(ref.inter_iterations)
+                                  if ref.inter_iterations else 0.0),
+        "inter_iterations_max": float(max(ref.inter_iterations, default=0)),
+    }

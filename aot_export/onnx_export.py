@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import warnings
 from pathlib import Path
+from typing import Iterator
 
 import onnx
 import torch
@@ -26,11 +30,28 @@ def reducer_example_inputs(cfg: AOTConfig, hidden: int, dtype: torch.dtype = tor
             torch.rand(cfg.frames, n, generator=g), torch.rand(cfg.frames, n, generator=g))
 
 
+@contextlib.contextmanager
+def quiet_exporter() -> Iterator[None]:
+    """The dynamo exporter logs a warning per optional torchvision op and deprecation notices from torch
+    internals; none of it is about the graph being exported."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        registration.setLevel(level)
+
+
 def export_module(module: torch.nn.Module, example_inputs: tuple, input_names: tuple[str, ...],
                   output_names: tuple[str, ...], out_path: str | os.PathLike) -> onnx.ModelProto:
     """Trace `module` once, save the ONNX atomically, and refuse a graph that is not static."""
-    program = torch.onnx.export(module.eval(), example_inputs, dynamo=True, opset_version=OPSET,
-                                input_names=list(input_names), output_names=list(output_names), verbose=False)
+    with quiet_exporter():
+        program = torch.onnx.export(module.eval(), example_inputs, dynamo=True, opset_version=OPSET,
+                                    input_names=list(input_names), output_names=list(output_names), verbose=False)
     model = program.model_proto
     onnx.checker.check_model(model, full_check=True)
     findings = graph_findings(model)

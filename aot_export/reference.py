@@ -23,6 +23,7 @@ from .reducer import (cosine, grid_positions, inter_frame_cost, intra_frame_tran
 
 SINKHORN_TOL = 1e-2
 SINKHORN_MAX_ITERS = 100
+ROLE_NAMES = ("keyframe", "distinct", "anchor")          # ReferenceOutput.role / output_roles values 0, 1, 2
 
 
 def early_stopping_sinkhorn(cost: Tensor, mu: Tensor, nu: Tensor, eps: float, tol: float = SINKHORN_TOL,
@@ -140,7 +141,8 @@ def agreement(cfg: AOTConfig, tokens: Tensor, index: Tensor, anchor_mask: Tensor
     reference on the same input.
 
     Tokens are matched by (role, frame, row, col); `token_set_jaccard` is |static ∩ ref| / |static ∪ ref| of
-    those keys, cosines are over matched tokens. `cell_rule_differs` is the share of frames whose static top-A
+    those keys, cosines are over matched tokens, also per role: a keyframe or distinct token differs only by the
+    intra-frame Sinkhorn, an updated anchor also by which tokens were merged into it. `cell_rule_differs` is the share of frames whose static top-A
     cells differ from the reference's >= 0.5 cells.
     """
     def keys(roles: Tensor, idx: Tensor) -> dict[tuple[int, ...], int]:
@@ -152,6 +154,9 @@ def agreement(cfg: AOTConfig, tokens: Tensor, index: Tensor, anchor_mask: Tensor
     union = len(set(static_keys) | set(ref_keys))
     cos = torch.nn.functional.cosine_similarity(
         tokens[[static_keys[k] for k in matched]].double(), ref.tokens[[ref_keys[k] for k in matched]], dim=-1)
+    matched_roles = torch.tensor([k[0] for k in matched], dtype=torch.long)
+    by_role = {f"matched_cosine_min_{name}": float(cos[matched_roles == role].min())
+               if (matched_roles == role).any() else float("nan") for role, name in enumerate(ROLE_NAMES)}
     differs = [set(static.tolist()) != set(reference.tolist()) for static, reference in zip(cells, ref.retained)]
     anchors_static, anchors_ref = anchor_mask.bool(), ref.anchor_mask.bool()
     return {
@@ -160,6 +165,7 @@ def agreement(cfg: AOTConfig, tokens: Tensor, index: Tensor, anchor_mask: Tensor
         "token_set_jaccard": len(matched) / union,
         "matched_cosine_mean": float(cos.mean()) if matched else float("nan"),
         "matched_cosine_min": float(cos.min()) if matched else float("nan"),
+        **by_role,
         "anchor_jaccard": float((anchors_static & anchors_ref).sum() / (anchors_static | anchors_ref).sum()),
         "cell_rule_differs": sum(differs) / len(differs),
         "reference_cells_mean": sum(len(c) for c in ref.retained) / len(ref.retained),

@@ -1,0 +1,1 @@
+"""Calibration data from real video and INT8/FP8 explicit quantization of exported graphs (Q/DQ ONNX)."""

@@ -1,0 +1,1 @@
+"""Runtime: video decoding and preprocessing, vision backends, LLM backends, the pipeline and its validation."""

@@ -11,12 +11,20 @@ from pathlib import Path
 from typing import Iterator
 
 
+def _default_mode(kind: int) -> int:
+    """mkdtemp/mkstemp create private (0700/0600) entries; artifacts get the modes a plain mkdir/open would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return kind & ~umask
+
+
 @contextmanager
 def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a fresh temporary directory beside `target`; on success it replaces `target` in one rename."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    staging.chmod(_default_mode(0o777))
     try:
         yield staging
         if target.exists():
@@ -39,6 +47,7 @@ def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
     os.close(fd)
     staging = Path(name)
+    staging.chmod(_default_mode(0o666))
     try:
         yield staging
         os.replace(staging, target)

@@ -45,6 +45,82 @@ def write_json(path: str | None, payload: dict) -> None:
 
 
 # ---- commands --------------------------------------------------------------------------------------------------
+def peak_rss_gb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .adapters import load_model
+    from .config import AOTConfig
+    from .export import export_vision_aot, solve_config
+
+    adapter = load_model(args.model)
+    if args.config:
+        cfg = AOTConfig.from_json(_read_text(args.config))
+    else:
+        cfg = solve_config(args.frames, args.retention, args.anchors, args.pooled_anchors, args.keep,
+                           grid=adapter.info.grid, clip_len=args.clip_len)
+    result = export_vision_aot(adapter, cfg, args.out, progress=not args.quiet)
+    sizes = {name: (result.directory / name).stat().st_size for name in result.manifest.files}
+    rows = [("model", adapter.info.model_id), ("frames", cfg.frames),
+            ("visual tokens without AOT", cfg.input_tokens), ("visual tokens with AOT", cfg.output_tokens),
+            ("retention", f"{cfg.retention:.2%}"),
+            ("anchors / pooled anchors / keep", f"{cfg.anchors} / {cfg.pooled_anchors} / {cfg.keep}"),
+            *[(f"{name}", f"{size / 1e6:.1f} MB") for name, size in sizes.items()],
+            *[(f"time: {stage}", f"{seconds:.1f} s") for stage, seconds in result.seconds.items()],
+            ("peak RSS", f"{peak_rss_gb():.2f} GB"), ("written", str(result.directory))]
+    print(format_table(rows, ("export", "")))
+    write_json(args.json, {"manifest": result.manifest.to_dict(), "seconds": result.seconds, "sizes": sizes,
+                           "peak_rss_gb": peak_rss_gb()})
+    return EXIT_OK
+
+
+def _add_export(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="tiny-llava-ov",
+                        help="built-in model (tiny-llava-ov, llava-ov-0.5b-random) or a local checkpoint directory")
+    parser.add_argument("--frames", type=int, default=32, help="frames per video, static in the graph (32)")
+    parser.add_argument("--clip-len", type=int, default=None, help="frames per inter-frame clip (4 when it divides)")
+    parser.add_argument("--retention", type=float, default=None, help="target share of visual tokens kept")
+    parser.add_argument("--anchors", type=int, default=None, help="intra-frame anchors per frame (V)")
+    parser.add_argument("--pooled-anchors", type=int, default=None, help="pooled cells kept per frame (A)")
+    parser.add_argument("--keep", type=int, default=None, help="distinct tokens per non-key frame (K)")
+    parser.add_argument("--config", default=None, metavar="JSON", help="a full AOTConfig as JSON (overrides the above)")
+    parser.add_argument("--out", required=True, help="export directory to write")
+
+
+def _check(args: argparse.Namespace) -> int:
+    from engines.check import check_export
+
+    report = check_export(args.dir, tensorrt=not args.no_tensorrt)
+    print(report.table())
+    write_json(args.json, report.to_dict())
+    return EXIT_OK if report.passed else EXIT_FAILED
+
+
+def _add_check(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dir", help="export directory (with manifest.json)")
+    parser.add_argument("--no-tensorrt", action="store_true", help="skip the TensorRT parse and build")
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from runtime.validate import validate_export
+
+    report = validate_export(args.dir, args.video, model=args.model, device=args.device, progress=not args.quiet)
+    print(report.table())
+    write_json(args.json, report.to_dict())
+    return EXIT_OK if report.passed else EXIT_FAILED
+
+
+def _add_validate(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dir", help="export directory (with manifest.json)")
+    parser.add_argument("--video", required=True, help="video file to decode and run")
+    parser.add_argument("--model", default=None, help="reference model, if not where the manifest says")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="ONNX Runtime device (auto: CUDA when available)")
+
+
 def _demo(args: argparse.Namespace) -> int:
     from runtime.demo import run_demo
 
@@ -60,6 +136,13 @@ def _add_demo(parser: argparse.ArgumentParser) -> None:
                         help="video to run on (default: ../shared/data/videos when present, else a synthesized clip)")
 
 
+def _read_text(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError as exc:
+        raise InputError(f"{path}: cannot be read ({exc.strerror}); pass an existing file") from exc
+
+
 @dataclass(frozen=True)
 class Command:
     help: str
@@ -68,6 +151,9 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {
+    "export": Command("export vision tower + projector + AOT as one static ONNX graph", _add_export, _export),
+    "check": Command("ONNX checker, TensorRT-compatibility lint, TensorRT parse + build", _add_check, _check),
+    "validate": Command("run the export on a video against the PyTorch reference", _add_validate, _validate),
     "demo": Command("the whole chain on the built-in default, no arguments needed", _add_demo, _demo),
 }
 

@@ -46,20 +46,36 @@ def quiet_exporter() -> Iterator[None]:
         registration.setLevel(level)
 
 
-def export_module(module: torch.nn.Module, example_inputs: tuple, input_names: tuple[str, ...],
-                  output_names: tuple[str, ...], out_path: str | os.PathLike) -> onnx.ModelProto:
-    """Trace `module` once, save the ONNX atomically, and refuse a graph that is not static."""
+def trace_onnx(module: torch.nn.Module, example_inputs: tuple, input_names: tuple[str, ...],
+               output_names: tuple[str, ...]) -> torch.onnx.ONNXProgram:
+    """Trace `module` once with the dynamo exporter at opset 18; every shape is static."""
     with quiet_exporter():
-        program = torch.onnx.export(module.eval(), example_inputs, dynamo=True, opset_version=OPSET,
-                                    input_names=list(input_names), output_names=list(output_names), verbose=False)
-    model = program.model_proto
-    onnx.checker.check_model(model, full_check=True)
-    findings = graph_findings(model)
+        return torch.onnx.export(module.eval(), example_inputs, dynamo=True, opset_version=OPSET,
+                                 input_names=list(input_names), output_names=list(output_names), verbose=False)
+
+
+def save_onnx(program: torch.onnx.ONNXProgram, path: Path, external_data: bool) -> list[Path]:
+    """Write the graph (and its weights beside it as `<name>.data` when `external_data`); the files written."""
+    program.save(path, external_data=external_data)
+    return [p for p in (path, path.with_name(path.name + ".data")) if p.is_file()]
+
+
+def verify_static(path: Path) -> None:
+    """The ONNX checker with strict shape inference, then the static-graph lint; raise on any finding."""
+    onnx.checker.check_model(str(path), full_check=True)
+    findings = graph_findings(onnx.load(str(path), load_external_data=False))
     if findings:
         raise RuntimeError("exported graph is not static: " + "; ".join(map(str, findings)))
+
+
+def export_module(module: torch.nn.Module, example_inputs: tuple, input_names: tuple[str, ...],
+                  output_names: tuple[str, ...], out_path: str | os.PathLike) -> Path:
+    """Trace, save (weights inline) atomically and verify a small module."""
+    program = trace_onnx(module, example_inputs, input_names, output_names)
     with atomic_file(out_path) as staging:
-        onnx.save(model, staging)
-    return model
+        save_onnx(program, staging, external_data=False)
+        verify_static(staging)
+    return Path(out_path)
 
 
 def export_reducer(cfg: AOTConfig, hidden: int, out_path: str | os.PathLike,

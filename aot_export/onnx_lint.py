@@ -37,3 +37,33 @@ def graph_findings(model: onnx.ModelProto) -> list[Finding]:
     findings += [Finding("topk-k-not-constant", node.name or "TopK", f"k comes from {node.input[1]!r}")
                  for node in graph.node if node.op_type == "TopK" and node.input[1] not in constants]
     return findings
+
+
+ONNX_DTYPES = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16,
+               "int32": onnx.TensorProto.INT32, "int64": onnx.TensorProto.INT64}
+# `index` may be any integer type; every other interface tensor must avoid int64, which TensorRT narrows.
+INT64_ALLOWED = frozenset({"index"})
+
+
+def interface_findings(model: onnx.ModelProto, declared: dict[str, tuple[tuple[int, ...], str]]) -> list[Finding]:
+    """Graph inputs/outputs against the declared `name → (shape, dtype)`: missing or extra tensors, dynamic or
+    different dims, dtypes, int64 tensors other than `index`."""
+    findings = []
+    actual = {v.name: v for v in [*model.graph.input, *model.graph.output]}
+    for name in sorted(set(declared) ^ set(actual)):
+        where = "declared but not in the graph" if name in declared else "in the graph but not declared"
+        findings.append(Finding("interface", name, where))
+    for name in sorted(set(declared) & set(actual)):
+        tensor_type = actual[name].type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor_type.shape.dim]
+        shape, dtype = declared[name]
+        if any(not isinstance(d, int) for d in dims):
+            findings.append(Finding("dynamic-dim", name, f"shape {dims} has a dynamic dimension"))
+        elif tuple(dims) != tuple(shape):
+            findings.append(Finding("shape", name, f"graph shape {dims} != declared {list(shape)}"))
+        if tensor_type.elem_type != ONNX_DTYPES[dtype]:
+            findings.append(Finding("dtype", name, f"graph dtype {onnx.TensorProto.DataType.Name(tensor_type.elem_type)}"
+                                                   f" != declared {dtype}"))
+        if tensor_type.elem_type == onnx.TensorProto.INT64 and name not in INT64_ALLOWED:
+            findings.append(Finding("int64", name, "int64 interface tensor; TensorRT wants int32"))
+    return findings

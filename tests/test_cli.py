@@ -17,6 +17,7 @@ def test_console_script_is_installed():
 
 
 def test_demo_on_a_synthesized_clip(tmp_path, capsys):
+    """The README's main job end to end (export → check → validate), on a clip made here."""
     from runtime.video import synthesize_clip
 
     video = synthesize_clip(tmp_path / "clip.mp4", frames=40)
@@ -25,11 +26,13 @@ def test_demo_on_a_synthesized_clip(tmp_path, capsys):
                  "--quiet"])
     out = capsys.readouterr().out
     assert code == EXIT_OK, out
-    assert "PASS" in out and "ORT vs PyTorch max abs" in out
+    assert "PASS" in out and "visual tokens with AOT" in out
     report = json.loads(report_path.read_text())
     assert report["passed"] and report["output_tokens"] == 752 and report["input_tokens"] == 6272
-    assert report["metrics"]["ORT vs PyTorch max abs"] <= 1e-5
-    assert not list((tmp_path / "work").glob("*.partial"))
+    (validation,) = report["validations"]
+    assert validation["metrics"]["cosine_min"] >= 0.99999 and validation["metrics"]["index_agreement"] == 1.0
+    assert report["check"]["passed"]
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["export"]
 
 
 @pytest.mark.parametrize("content", [None, b"", b"not a video at all" * 100])

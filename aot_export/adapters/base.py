@@ -1,0 +1,71 @@
+"""What every model adapter gives the exporter, the validator and the runtime."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..config import AOTConfig
+from ..errors import InputError
+from ..preprocess import Preprocessing
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Identity of the model an export came from, written into the manifest."""
+
+    model_id: str            # "tiny-llava-ov" or the checkpoint directory
+    model_type: str          # Hugging Face `model_type`, the adapter table's key
+    config_hash: str         # sha256 of the model's config JSON (weights are not hashed: the ONNX hash covers them)
+    grid: int                # tokens per side of one frame
+    image_size: int
+    hidden: int              # width of the reduced tokens (the LLM's hidden size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class ModelAdapter(ABC):
+    """One VLM family: how to load it, its preprocessing, and frames → (tokens, index) as a static module."""
+
+    model_type: ClassVar[str]
+
+    info: ModelInfo
+    preprocessing: Preprocessing
+
+    @classmethod
+    @abstractmethod
+    def from_checkpoint(cls, directory: Path) -> "ModelAdapter":
+        """Load a local Hugging Face checkpoint directory (never downloads)."""
+
+    @abstractmethod
+    def vision_aot(self, cfg: AOTConfig) -> nn.Module:
+        """The exported module: frames [T, 3, S, S] → tokens [n, H], index [n, 3]."""
+
+    @abstractmethod
+    def reference(self, cfg: AOTConfig, frames: Tensor) -> tuple[Tensor, Tensor]:
+        """The PyTorch reference on the same frames, through the library's own attention (eager, weights
+        returned by Hugging Face) rather than the exported score computation."""
+
+    def example_frames(self, frames: int, seed: int = 0) -> Tensor:
+        g = torch.Generator().manual_seed(seed)
+        size = self.info.image_size
+        return torch.randn(frames, 3, size, size, generator=g)
+
+    def check_fits(self, cfg: AOTConfig) -> None:
+        """A config must be solved for this model's grid."""
+        if cfg.grid != self.info.grid:
+            raise InputError(f"the AOT config has grid={cfg.grid} but {self.info.model_id} gives a "
+                             f"{self.info.grid}×{self.info.grid} grid per frame; solve the config with "
+                             f"grid={self.info.grid}")

@@ -1,0 +1,188 @@
+"""Hugging Face `LlavaOnevisionForConditionalGeneration`: SigLIP tower → projector → AOT (video path).
+
+Scores (AOT_SPEC §0): attention received at a shallow layer (5) and a deep one (−2 of the tower as the LLM
+sees it), computed from those two layers' q·k so that every layer keeps the fused (sdpa) attention.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..config import AOTConfig
+from ..errors import InputError
+from ..preprocess import Preprocessing
+from ..reducer import AOTReducer
+from .base import ModelAdapter, ModelInfo, config_hash
+
+SHALLOW_LAYER = 5
+DEEP_LAYER = -2
+# Reference attention maps are materialised per chunk of frames; this bounds their memory.
+REFERENCE_ATTENTION_BYTES = 1 << 30
+
+
+def tiny_config() -> "LlavaOnevisionConfig":
+    """The real architecture at tiny width: a 27×27 SigLIP grid at 384 px, 8 layers, a 2-layer Qwen2."""
+    from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
+                                image_size=384, patch_size=14, vision_use_head=False)
+    text = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=512, max_position_embeddings=8192,
+                       tie_word_embeddings=True)
+    return LlavaOnevisionConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), vision_feature_layer=-1,
+                                vision_feature_select_strategy="full", image_token_index=510, video_token_index=511)
+
+
+def onevision_05b_config() -> "LlavaOnevisionConfig":
+    """LLaVA-OneVision-0.5B's architecture (SigLIP-so400m without its last layer, Qwen2-0.5B)."""
+    from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26,
+                                num_attention_heads=16, image_size=384, patch_size=14, vision_use_head=False)
+    text = Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                       num_key_value_heads=2, vocab_size=152000, max_position_embeddings=32768,
+                       tie_word_embeddings=True)
+    return LlavaOnevisionConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), vision_feature_layer=-1,
+                                vision_feature_select_strategy="full")
+
+
+# Processor settings of the published LLaVA-OneVision checkpoints (SigLIP normalisation).
+ONEVISION_PREPROCESSING = Preprocessing(size=384, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+
+def attention_received(layer: nn.Module, hidden: Tensor) -> Tensor:
+    """[T, N]: the softmax attention each token receives in a SigLIP encoder layer, summed over queries and
+    averaged over heads, from the layer's own q and k (its input is the previous layer's hidden state)."""
+    attention = layer.self_attn
+    x = layer.layer_norm1(hidden)
+    frames, tokens, _ = x.shape
+    heads = (frames, tokens, attention.num_heads, attention.head_dim)
+    q = attention.q_proj(x).view(heads).transpose(1, 2)
+    k = attention.k_proj(x).view(heads).transpose(1, 2)
+    weights = torch.softmax((q @ k.transpose(-1, -2)) * attention.scale, dim=-1, dtype=torch.float32)
+    return weights.sum(-2).mean(1)
+
+
+def select_features(hidden_states: tuple[Tensor, ...], feature_layer: int | list[int]) -> Tensor:
+    """The tower output the projector sees (LLaVA-OneVision's `vision_feature_layer`, strategy "full")."""
+    if isinstance(feature_layer, int):
+        return hidden_states[feature_layer]
+    return torch.cat([hidden_states[i] for i in feature_layer], dim=-1)
+
+
+class VisionAOT(nn.Module):
+    """frames [T, 3, S, S] → SigLIP → projector → AOT → tokens [n, H], index [n, 3]."""
+
+    def __init__(self, tower: nn.Module, projector: nn.Module, feature_layer: int | list[int],
+                 score_layers: tuple[int, int], cfg: AOTConfig):
+        super().__init__()
+        self.tower, self.projector = tower, projector
+        self.feature_layer, (self.shallow, self.deep) = feature_layer, score_layers
+        self.reducer = AOTReducer(cfg)
+
+    def forward(self, frames: Tensor) -> tuple[Tensor, Tensor]:
+        hidden = self.tower(frames, output_hidden_states=True).hidden_states
+        layers = self.tower.encoder.layers
+        features = self.projector(select_features(hidden, self.feature_layer))
+        score_shallow = attention_received(layers[self.shallow], hidden[self.shallow])
+        score_deep = attention_received(layers[self.deep], hidden[self.deep])
+        return self.reducer(features, score_shallow, score_deep)
+
+
+class LlavaOnevisionAdapter(ModelAdapter):
+    model_type = "llava_onevision"
+
+    def __init__(self, model_id: str, model: nn.Module, preprocessing: Preprocessing):
+        config = model.config
+        vision = config.vision_config
+        if config.vision_feature_select_strategy != "full":
+            raise InputError(f"{model_id}: vision_feature_select_strategy="
+                             f"{config.vision_feature_select_strategy!r} drops a token from a grid without [CLS]; "
+                             "only 'full' (LLaVA-OneVision's) is supported")
+        self.model = model.eval()
+        self.preprocessing = preprocessing
+        self.feature_layer = config.vision_feature_layer
+        self.score_layers = self._score_layers(model_id, vision.num_hidden_layers, self.feature_layer)
+        self.info = ModelInfo(model_id=model_id, model_type=self.model_type,
+                              config_hash=config_hash(config.to_dict()), grid=vision.image_size // vision.patch_size,
+                              image_size=vision.image_size, hidden=config.text_config.hidden_size)
+        self._eager_tower: nn.Module | None = None
+
+    @staticmethod
+    def _score_layers(model_id: str, layers: int, feature_layer: int | list[int]) -> tuple[int, int]:
+        deepest = max(feature_layer) if isinstance(feature_layer, list) else feature_layer
+        seen = deepest if deepest >= 0 else layers + 1 + deepest           # layers the LLM's features pass
+        shallow, deep = SHALLOW_LAYER, seen + DEEP_LAYER
+        if not 0 <= shallow < deep < layers:
+            raise InputError(f"{model_id}: a tower of {layers} layers (features after {seen}) has no shallow layer "
+                             f"{SHALLOW_LAYER} below deep layer {deep}; AOT needs at least {SHALLOW_LAYER + 3}")
+        return shallow, deep
+
+    # ---- loading ----------------------------------------------------------------------------------------------
+    @classmethod
+    def build(cls, model_id: str, config: Any, preprocessing: Preprocessing, seed: int = 0) -> "LlavaOnevisionAdapter":
+        """The architecture from `config` with seeded random weights (no checkpoint, no download)."""
+        from transformers import LlavaOnevisionForConditionalGeneration
+
+        config._attn_implementation = "sdpa"
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = LlavaOnevisionForConditionalGeneration(config)
+        return cls(model_id, model, preprocessing)
+
+    @classmethod
+    def from_checkpoint(cls, directory: Path) -> "LlavaOnevisionAdapter":
+        from transformers import LlavaOnevisionForConditionalGeneration
+
+        config = json.loads((directory / "config.json").read_text())
+        vision = config.get("vision_config", {})
+        preprocessing = Preprocessing.from_checkpoint(directory, default_size=vision.get("image_size", 384))
+        try:
+            model = LlavaOnevisionForConditionalGeneration.from_pretrained(
+                directory, dtype=torch.float32, attn_implementation="sdpa", local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{directory}: cannot load the checkpoint ({' '.join(str(exc).split())[:200]}); "
+                             "pass a complete LLaVA-OneVision checkpoint directory") from exc
+        return cls(str(directory), model, preprocessing)
+
+    # ---- graphs -----------------------------------------------------------------------------------------------
+    def vision_aot(self, cfg: AOTConfig) -> VisionAOT:
+        self.check_fits(cfg)
+        return VisionAOT(self.model.model.vision_tower, self.model.model.multi_modal_projector, self.feature_layer,
+                         self.score_layers, cfg).eval()
+
+    @torch.inference_mode()
+    def reference(self, cfg: AOTConfig, frames: Tensor) -> tuple[Tensor, Tensor]:
+        self.check_fits(cfg)
+        tower = self._eager()
+        n = cfg.tokens_per_frame
+        per_frame = tower.config.num_hidden_layers * tower.config.num_attention_heads * n * n * 4
+        chunk = max(1, REFERENCE_ATTENTION_BYTES // per_frame)
+        features, shallow, deep = [], [], []
+        for start in range(0, frames.shape[0], chunk):
+            out = tower(frames[start:start + chunk], output_hidden_states=True, output_attentions=True)
+            features.append(self.model.model.multi_modal_projector(select_features(out.hidden_states,
+                                                                                   self.feature_layer)))
+            shallow.append(out.attentions[self.score_layers[0]].sum(-2).mean(1))
+            deep.append(out.attentions[self.score_layers[1]].sum(-2).mean(1))
+        return AOTReducer(cfg)(torch.cat(features), torch.cat(shallow), torch.cat(deep))
+
+    def _eager(self) -> nn.Module:
+        """A copy of the tower with Hugging Face's eager attention, which returns its attention weights."""
+        if self._eager_tower is None:
+            self._eager_tower = copy.deepcopy(self.model.model.vision_tower)
+            self._eager_tower.set_attn_implementation("eager")
+        return self._eager_tower
+
+
+BUILTIN = {
+    "tiny-llava-ov": lambda: LlavaOnevisionAdapter.build("tiny-llava-ov", tiny_config(), ONEVISION_PREPROCESSING),
+    "llava-ov-0.5b-random": lambda: LlavaOnevisionAdapter.build("llava-ov-0.5b-random", onevision_05b_config(),
+                                                                ONEVISION_PREPROCESSING),
+}

@@ -69,6 +69,18 @@ def attention_received(layer: nn.Module, hidden: Tensor) -> Tensor:
     return weights.sum(-2).mean(1)
 
 
+class AttentionReceived(nn.Module):
+    """`attention_received` of one encoder layer, as a module so that its nodes carry the `scores` name scope in
+    the exported graph (precision tools keep them fp32). Shares the layer's weights."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return attention_received(self.layer, hidden)
+
+
 def select_features(hidden_states: tuple[Tensor, ...], feature_layer: int | list[int]) -> Tensor:
     """The tower output the projector sees (LLaVA-OneVision's `vision_feature_layer`, strategy "full")."""
     if isinstance(feature_layer, int):
@@ -83,15 +95,14 @@ class VisionAOT(nn.Module):
                  score_layers: tuple[int, int], cfg: AOTConfig):
         super().__init__()
         self.tower, self.projector = tower, projector
-        self.feature_layer, (self.shallow, self.deep) = feature_layer, score_layers
+        self.feature_layer, self.score_layers = feature_layer, score_layers
+        self.scores = nn.ModuleList([AttentionReceived(tower.encoder.layers[i]) for i in score_layers])
         self.reducer = AOTReducer(cfg)
 
     def forward(self, frames: Tensor) -> tuple[Tensor, Tensor]:
         hidden = self.tower(frames, output_hidden_states=True).hidden_states
-        layers = self.tower.encoder.layers
         features = self.projector(select_features(hidden, self.feature_layer))
-        score_shallow = attention_received(layers[self.shallow], hidden[self.shallow])
-        score_deep = attention_received(layers[self.deep], hidden[self.deep])
+        score_shallow, score_deep = (score(hidden[i]) for score, i in zip(self.scores, self.score_layers))
         return self.reducer(features, score_shallow, score_deep)
 
 

@@ -121,6 +121,53 @@ def _add_validate(parser: argparse.ArgumentParser) -> None:
                         help="ONNX Runtime device (auto: CUDA when available)")
 
 
+def _build(args: argparse.Namespace) -> int:
+    from engines.build import build_engine_dir, settings_for, trtexec_command
+    from engines.targets import get_target
+
+    target = get_target(args.target)
+    settings = settings_for(target, args.precision, typing=args.typing, optimization_level=args.opt_level,
+                            workspace_bytes=args.workspace_mib << 20 if args.workspace_mib else None,
+                            timing_cache=args.timing_cache, dla=args.dla,
+                            compute_capabilities=tuple(args.compute_capability or ()))
+    if args.print_trtexec:
+        print(trtexec_command(args.dir, settings))
+        return EXIT_OK
+    out = args.out or f"{args.dir.rstrip('/')}-{target.name}-{args.precision}"
+    result = build_engine_dir(args.dir, settings, out, progress=not args.quiet)
+    sidecar = result.sidecar
+    rows = [("target", f"{target.name} (SM {', '.join(sidecar.compute_capabilities)})"),
+            ("builder", f"{sidecar.flavour} {sidecar.tensorrt_version} (CUDA {sidecar.cuda})"),
+            ("precision", f"{sidecar.precision}, {settings.typing}ly typed"),
+            ("layers", sidecar.network["layers"]), ("output dtypes", sidecar.network["output_dtypes"]),
+            ("plan", f"{result.plan_bytes / 1e6:.1f} MB"),
+            *[(f"time: {stage}", f"{seconds:.1f} s") for stage, seconds in result.seconds.items()],
+            ("layer report", "layers.json" if result.layer_info else "needs a GPU to deserialize; not written"),
+            ("written", str(result.directory))]
+    print(format_table(rows, ("build", "")))
+    write_json(args.json, {"sidecar": sidecar.to_dict(), "seconds": result.seconds, "plan_bytes": result.plan_bytes})
+    return EXIT_OK
+
+
+def _add_build(parser: argparse.ArgumentParser) -> None:
+    from engines.targets import PRECISIONS, TARGETS
+
+    parser.add_argument("dir", help="export directory (with manifest.json)")
+    parser.add_argument("--target", required=True, choices=list(TARGETS), help="deployment target")
+    parser.add_argument("--precision", required=True, choices=PRECISIONS)
+    parser.add_argument("--typing", choices=("strong", "weak"), default="strong",
+                        help="weak: TensorRT 10 precision flags + fp32 layer constraints (JetPack 6)")
+    parser.add_argument("--opt-level", type=int, default=3, help="builder optimization level 0..5 (3)")
+    parser.add_argument("--workspace-mib", type=int, default=None, help="workspace pool limit (target's cap)")
+    parser.add_argument("--timing-cache", default=None, help="timing cache file to load and update")
+    parser.add_argument("--dla", action="store_true", help="run on DLA core 0 with GPU fallback (Jetson)")
+    parser.add_argument("--compute-capability", action="append", default=None,
+                        help="TensorRT-RTX: build for this SM (repeatable; default: the target's list)")
+    parser.add_argument("--print-trtexec", action="store_true",
+                        help="print the equivalent trtexec / tensorrt_rtx command instead of building")
+    parser.add_argument("--out", default=None, help="engine directory (default: DIR-TARGET-PRECISION)")
+
+
 def _demo(args: argparse.Namespace) -> int:
     from runtime.demo import run_demo
 
@@ -154,6 +201,7 @@ COMMANDS: dict[str, Command] = {
     "export": Command("export vision tower + projector + AOT as one static ONNX graph", _add_export, _export),
     "check": Command("ONNX checker, TensorRT-compatibility lint, TensorRT parse + build", _add_check, _check),
     "validate": Command("run the export on a video against the PyTorch reference", _add_validate, _validate),
+    "build": Command("build a TensorRT engine for a target from an export", _add_build, _build),
     "demo": Command("the whole chain on the built-in default, no arguments needed", _add_demo, _demo),
 }
 

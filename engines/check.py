@@ -89,7 +89,7 @@ def check_tensorrt(report: CheckReport, graph: Path, workspace_bytes: int) -> No
         return
     report.rows.append(CheckRow(f"{flavour.name} parse", OK, f"{trt.__version__}: {parsed.num_layers} layers"))
     try:
-        engine = build_engine(parsed, builder_config(parsed, workspace_bytes))
+        engine = build_engine(parsed, builder_config(parsed, workspace_bytes=workspace_bytes))
     except RuntimeError as exc:
         report.rows.append(CheckRow(f"{flavour.name} build", FINDING, str(exc)))
         return

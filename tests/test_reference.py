@@ -87,8 +87,10 @@ def test_static_tracks_reference_on_real_footage(shared_videos):
             report = agreement(cfg, tokens, index, mask, cells, reference_aot(cfg, *inputs))
         # Anchors: the same rule. Cells: top-A vs >= 0.5 differ in most frames by a cell or two, so the token
         # sets overlap by ~0.9 and an updated anchor, which absorbs whatever its clip merged, may differ a lot;
-        # every token that was not merged must match up to the Sinkhorn stopping rule.
+        # every token that was not merged must match up to the Sinkhorn stopping rule (which stops some of
+        # bikes' frames after 2 iterations: intra-frame anchors then differ by up to 1 - 0.9968 in cosine,
+        # docs/benchmarks.md "Sinkhorn iterations").
         assert report["anchor_jaccard"] == 1.0, (video.name, report)
         assert report["token_set_jaccard"] >= 0.8, (video.name, report)
-        assert report["matched_cosine_min_keyframe"] >= 0.999, (video.name, report)
-        assert report["matched_cosine_min_distinct"] >= 0.999, (video.name, report)
+        assert report["matched_cosine_min_keyframe"] >= 0.995, (video.name, report)
+        assert report["matched_cosine_min_distinct"] >= 0.995, (video.name, report)

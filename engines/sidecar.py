@@ -1,0 +1,153 @@
+"""`engine.json`: what an engine plan was built from and for; a runtime refuses a plan that does not fit.
+
+Refusals name the field that differs: the engine against its export (`onnx_sha256`, `aot_hash`) and against
+this machine (`flavour`, `tensorrt_version`, `compute_capability`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from aot_export.artifacts import sha256_file
+from aot_export.errors import InputError
+from aot_export.manifest import Manifest, read_manifest
+
+PLAN = "engine.plan"
+SIDECAR = "engine.json"
+SIDECAR_SCHEMA = 1
+
+
+class EngineMismatch(InputError):
+    """An engine that does not belong to this export or cannot run on this machine."""
+
+    def __init__(self, field_name: str, engine_value: Any, actual: Any, fix: str):
+        self.field = field_name
+        super().__init__(f"engine {field_name} is {engine_value!r} but {actual}; {fix}")
+
+
+@dataclass(frozen=True)
+class EngineSidecar:
+    flavour: str
+    tensorrt_version: str
+    cuda: str
+    target: str
+    compute_capabilities: list[str]
+    precision: str
+    builder: dict[str, Any]
+    onnx_sha256: str
+    plan_sha256: str
+    manifest: dict[str, Any]
+    build_seconds: float
+    network: dict[str, Any] = field(default_factory=dict)
+    schema_version: int = SIDECAR_SCHEMA
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EngineSidecar":
+        if data.get("schema_version") != SIDECAR_SCHEMA:
+            raise InputError(f"engine.json schema_version {data.get('schema_version')!r} is not {SIDECAR_SCHEMA}; "
+                             "rebuild the engine")
+        return cls(**data)
+
+
+def read_sidecar(engine_dir: str | os.PathLike) -> EngineSidecar:
+    engine_dir = Path(engine_dir)
+    for name in (PLAN, SIDECAR):
+        if not (engine_dir / name).is_file():
+            raise InputError(f"{engine_dir}: no {name}; this is not an engine directory (run `aot-export build`)")
+    try:
+        sidecar = EngineSidecar.from_dict(json.loads((engine_dir / SIDECAR).read_text()))
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise InputError(f"{engine_dir / SIDECAR}: unreadable ({exc}); rebuild the engine") from exc
+    if sha256_file(engine_dir / PLAN) != sidecar.plan_sha256:
+        raise EngineMismatch("plan_sha256", sidecar.plan_sha256[:12], "engine.plan hashes differently",
+                             "the plan was changed after the build: rebuild it")
+    return sidecar
+
+
+def check_against_export(sidecar: EngineSidecar, manifest: Manifest) -> None:
+    graph_hash = manifest.files[manifest.graph]
+    if sidecar.onnx_sha256 != graph_hash:
+        raise EngineMismatch("onnx_sha256", sidecar.onnx_sha256[:12], f"the export's graph is {graph_hash[:12]}",
+                             "rebuild the engine from this export")
+    if sidecar.manifest.get("aot_hash") != manifest.aot.hash:
+        raise EngineMismatch("aot_hash", sidecar.manifest.get("aot_hash"), f"the export's is {manifest.aot.hash}",
+                             "rebuild the engine from this export")
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What the engine must match here: importable flavours with versions, the GPU's compute capability."""
+
+    versions: dict[str, str]
+    compute_capability: str | None
+
+    @classmethod
+    def detect(cls) -> "Machine":
+        import importlib
+
+        from .flavours import FLAVOURS
+
+        versions = {}
+        for name, flavour in FLAVOURS.items():
+            try:
+                versions[name] = importlib.import_module(flavour.module).__version__
+            except ImportError:
+                continue
+        return cls(versions, gpu_compute_capability())
+
+
+def gpu_compute_capability() -> str | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability()
+    return f"{major}.{minor}"
+
+
+def check_against_machine(sidecar: EngineSidecar, machine: Machine) -> None:
+    if sidecar.flavour not in machine.versions:
+        raise EngineMismatch("flavour", sidecar.flavour, "it is not installed here",
+                             f"install {sidecar.flavour} {sidecar.tensorrt_version} or rebuild for what is installed")
+    if machine.versions[sidecar.flavour] != sidecar.tensorrt_version:
+        raise EngineMismatch("tensorrt_version", sidecar.tensorrt_version,
+                             f"this machine has {sidecar.flavour} {machine.versions[sidecar.flavour]}",
+                             "rebuild the engine with the installed version")
+    if machine.compute_capability is None:
+        raise EngineMismatch("compute_capability", "/".join(sidecar.compute_capabilities),
+                             "this machine has no CUDA GPU", "run it on the target device")
+    if machine.compute_capability not in sidecar.compute_capabilities:
+        raise EngineMismatch("compute_capability", "/".join(sidecar.compute_capabilities),
+                             f"this GPU is SM {machine.compute_capability}", "rebuild for this GPU's target")
+
+
+def load_engine(engine_dir: str | os.PathLike, export_dir: str | os.PathLike | None = None,
+                machine: Machine | None = None,
+                deserialize: Callable[[EngineSidecar, bytes], Any] | None = None) -> tuple[EngineSidecar, Any]:
+    """Verify the engine against its export (if given) and this machine, then deserialize it."""
+    engine_dir = Path(engine_dir)
+    sidecar = read_sidecar(engine_dir)
+    if export_dir is not None:
+        check_against_export(sidecar, read_manifest(export_dir))
+    check_against_machine(sidecar, machine or Machine.detect())
+    plan = (engine_dir / PLAN).read_bytes()
+    return sidecar, (deserialize or deserialize_plan)(sidecar, plan)
+
+
+def deserialize_plan(sidecar: EngineSidecar, plan: bytes) -> Any:
+    from .flavours import load_tensorrt
+
+    trt, _ = load_tensorrt(sidecar.flavour)
+    engine = trt.Runtime(trt.Logger(trt.Logger.ERROR)).deserialize_cuda_engine(plan)
+    if engine is None:
+        raise RuntimeError(f"{sidecar.flavour} could not deserialize the plan on this machine")
+    return engine

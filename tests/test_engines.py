@@ -1,0 +1,243 @@
+"""engines/: targets and refusals, the builder stages one by one, fp16 exports, engine sidecars and the
+refusal of an engine that does not fit its export or the machine. Builds run on TensorRT-RTX, on this CPU."""
+
+import dataclasses
+import importlib.util
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+
+from aot_export import AOTConfig
+from aot_export.adapters import load_model
+from aot_export.cli import EXIT_BAD_INPUT, EXIT_OK, main
+from aot_export.errors import InputError
+from aot_export.export import export_vision_aot
+from aot_export.manifest import read_manifest
+from aot_export.onnx_scopes import node_scope
+from engines.build import build_engine_dir, settings_for, trtexec_command
+from engines.builder import BuildSettings, fp32_layers, network_flags, parse_onnx
+from engines.flavours import FLAVOURS, load_tensorrt
+from engines.precision import export_fp16, fp32_nodes
+from engines.sidecar import PLAN, SIDECAR, EngineMismatch, Machine, load_engine, read_sidecar
+from engines.targets import TARGETS, get_target
+
+needs_rtx = pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx") is None,
+                               reason="tensorrt_rtx is not installed")
+needs_tensorrt = pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None,
+                                    reason="tensorrt (JetPack / datacenter) is not installed")
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    model = load_model("tiny-llava-ov")
+    return export_vision_aot(model, AOTConfig(frames=8), tmp_path_factory.mktemp("x") / "tiny",
+                             progress=False).directory
+
+
+@pytest.fixture(scope="module")
+def fp16_dir(export_dir, tmp_path_factory):
+    return export_fp16(export_dir, tmp_path_factory.mktemp("h") / "tiny-fp16")
+
+
+# ---- targets ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("target, precision, words", [
+    ("orin-nano", "fp8", "8.9"), ("orin-agx", "fp8", "8.9"), ("a100", "fp8", "8.9"), ("rtx", "bf16", "unknown")])
+def test_precision_a_target_cannot_run_is_refused(target, precision, words):
+    with pytest.raises(InputError, match=words):
+        settings_for(get_target(target), precision)
+
+
+def test_dla_only_where_the_target_has_it():
+    settings = settings_for(get_target("orin-agx"), "fp16", typing="weak", dla=True)
+    assert settings.dla_core == 0
+    with pytest.raises(InputError, match="no DLA"):
+        settings_for(get_target("orin-nano"), "fp16", dla=True)
+    with pytest.raises(InputError, match="DLA runs fp16 or int8"):
+        settings_for(get_target("orin-agx"), "fp32", dla=True)
+
+
+def test_targets_table():
+    assert {t.compute_capabilities for t in TARGETS.values() if t.name.startswith("orin")} == {("8.7",)}
+    assert all("fp8" not in TARGETS[name].precisions for name in ("orin-agx", "orin-nx", "orin-nano", "a100"))
+    assert all("fp8" in TARGETS[name].precisions for name in ("l4", "h100"))
+    assert TARGETS["orin-nano"].workspace_bytes < TARGETS["orin-agx"].workspace_bytes
+    with pytest.raises(InputError, match="workspace"):
+        settings_for(get_target("orin-nano"), "fp16", workspace_bytes=8 << 30)
+    with pytest.raises(InputError, match="strongly typed only"):
+        settings_for(get_target("rtx"), "fp16", typing="weak")
+    with pytest.raises(InputError, match="9.0"):
+        settings_for(get_target("rtx"), "fp16", compute_capabilities=("9.0",))
+
+
+def test_trtexec_lines(export_dir):
+    agx = trtexec_command(export_dir, settings_for(get_target("orin-agx"), "fp16", typing="weak", dla=True))
+    assert agx.startswith("trtexec ") and "--fp16" in agx and "--precisionConstraints=obey" in agx
+    assert "--useDLACore=0 --allowGPUFallback" in agx and "--memPoolSize=workspace:4096M" in agx
+    h100 = trtexec_command(export_dir, settings_for(get_target("h100"), "fp16")).splitlines()
+    assert "export_fp16" in h100[0] and "--stronglyTyped" in h100[1] and "-fp16/vision_aot.onnx" in h100[1]
+    rtx = trtexec_command(export_dir, settings_for(get_target("rtx"), "fp32"))
+    assert rtx.startswith("tensorrt_rtx ") and "--stronglyTyped" not in rtx
+    with pytest.raises(InputError, match="calibrate"):
+        trtexec_command(export_dir, settings_for(get_target("h100"), "int8"))
+
+
+# ---- fp16 exports -------------------------------------------------------------------------------------------------
+def test_fp16_export_keeps_the_aot_block_fp32(export_dir, fp16_dir):
+    from engines.check import check_export
+
+    assert check_export(fp16_dir, tensorrt=False).passed        # incl. the ONNX checker's topological order
+    manifest = read_manifest(fp16_dir)
+    assert manifest.precision == "fp16" and manifest.extra["fp16"]["fp32_scopes"] == ["scores", "reducer"]
+    model = onnx.load(str(fp16_dir / manifest.graph))
+    inferred = onnx.shape_inference.infer_shapes(model)
+    dtypes = {v.name: v.type.tensor_type.elem_type for v in [*inferred.graph.value_info, *inferred.graph.input,
+                                                            *inferred.graph.output]}
+    dtypes.update({init.name: init.data_type for init in model.graph.initializer})
+    half = onnx.TensorProto.FLOAT16
+    kept = set(fp32_nodes(onnx.load(str(export_dir / manifest.graph), load_external_data=False)))
+    touched = [n.name for n in model.graph.node if n.name in kept
+               and any(dtypes.get(t) == half for t in [*n.input, *n.output])]
+    assert touched == []
+    assert sum(dtypes.get(init.name) == half for init in model.graph.initializer) > 10
+    assert {o.name: o.type.tensor_type.elem_type for o in model.graph.output}["tokens"] == onnx.TensorProto.FLOAT
+
+
+def test_fp16_export_on_onnxruntime_against_fp32(export_dir, fp16_dir, shared_videos):
+    from runtime.validate import validate_export
+
+    fp32 = validate_export(export_dir, shared_videos[0], progress=False)
+    fp16 = validate_export(fp16_dir, shared_videos[0], progress=False)
+    assert fp32.passed and fp16.passed, fp16.table()
+    assert fp16.metrics["max_abs"] > fp32.metrics["max_abs"]      # the fp16 graph really computes in fp16
+
+
+# ---- builder stages -------------------------------------------------------------------------------------------------
+@needs_rtx
+def test_network_flags_come_from_the_flavour_table():
+    trt, flavour = load_tensorrt("tensorrt_rtx")
+    assert network_flags(trt, flavour, "strong") == 0             # strongly typed already
+    with pytest.raises(InputError, match="strongly typed"):
+        network_flags(trt, flavour, "weak")
+    assert FLAVOURS["tensorrt"].strongly_typed_flag == "STRONGLY_TYPED"
+
+
+@needs_rtx
+def test_fp32_layers_are_the_aot_and_score_layers(export_dir):
+    parsed = parse_onnx(export_dir / "vision_aot.onnx", "tensorrt_rtx")
+    model = onnx.load(str(export_dir / "vision_aot.onnx"), load_external_data=False)
+    scope = {n.name: node_scope(n) for n in model.graph.node}
+    layers = fp32_layers(parsed, set(fp32_nodes(model)))
+    names = {layer.name for layer in layers}
+    reducer_nodes = [n for n, s in scope.items() if s == "reducer"]
+    assert len(layers) >= len(reducer_nodes) * 0.9
+    assert not names & {n for n, s in scope.items() if s == "tower" and "layer_norm" not in n and "Softmax" not in n
+                        and "Pow" not in n}
+
+
+@needs_rtx
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_rtx_builds_and_writes_a_sidecar(export_dir, tmp_path, precision):
+    result = build_engine_dir(export_dir, settings_for(get_target("rtx"), precision), tmp_path / "e",
+                              progress=False)
+    sidecar = read_sidecar(result.directory)
+    manifest = read_manifest(export_dir)
+    assert sidecar.flavour == "tensorrt_rtx" and sidecar.precision == precision
+    assert sidecar.compute_capabilities == ["8.0", "8.6", "8.9", "12.0"]
+    assert sidecar.manifest["aot_hash"] == manifest.aot.hash
+    assert (sidecar.onnx_sha256 == manifest.files["vision_aot.onnx"]) == (precision == "fp32")
+    assert (result.directory / PLAN).stat().st_size == result.plan_bytes > 0
+    if precision == "fp16":
+        assert sidecar.network["output_dtypes"].get("HALF", 0) > 0
+        assert read_manifest(result.directory / "onnx").precision == "fp16"
+
+
+@needs_rtx
+def test_cli_build_and_refusals(export_dir, tmp_path, capsys):
+    out = tmp_path / "engine"
+    assert main(["build", str(export_dir), "--target", "rtx", "--precision", "fp32", "--out", str(out),
+                 "--quiet"]) == EXIT_OK
+    assert json.loads((out / SIDECAR).read_text())["target"] == "rtx"
+    assert main(["build", str(export_dir), "--target", "orin-nano", "--precision", "fp8"]) == EXIT_BAD_INPUT
+    assert main(["build", str(export_dir), "--target", "rtx", "--precision", "int8"]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "cannot run fp8" in err and "calibrate" in err
+
+
+# ---- sidecar refusals -------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def engine_dir(export_dir, tmp_path_factory):
+    if importlib.util.find_spec("tensorrt_rtx") is None:
+        pytest.skip("tensorrt_rtx is not installed")
+    return build_engine_dir(export_dir, settings_for(get_target("rtx"), "fp32"),
+                            tmp_path_factory.mktemp("eng") / "e", progress=False).directory
+
+
+def deserialized(sidecar, plan):
+    return ("engine", len(plan))
+
+
+def test_engine_loads_where_everything_matches(engine_dir, export_dir):
+    sidecar = read_sidecar(engine_dir)
+    machine = Machine({"tensorrt_rtx": sidecar.tensorrt_version}, "8.6")
+    loaded, engine = load_engine(engine_dir, export_dir, machine, deserialize=deserialized)
+    assert loaded == sidecar and engine == ("engine", (engine_dir / PLAN).stat().st_size)
+
+
+@pytest.mark.parametrize("machine, field", [
+    (Machine({"tensorrt_rtx": "0.0.1"}, "8.6"), "tensorrt_version"),
+    (Machine({"tensorrt": "10.3.0"}, "8.7"), "flavour"),
+    (Machine({"tensorrt_rtx": None}, "9.0"), "compute_capability"),
+    (Machine({"tensorrt_rtx": None}, None), "compute_capability"),
+])
+def test_engine_refused_on_a_machine_it_does_not_fit(engine_dir, machine, field):
+    version = read_sidecar(engine_dir).tensorrt_version
+    machine = dataclasses.replace(machine, versions={k: v or version for k, v in machine.versions.items()})
+    with pytest.raises(EngineMismatch) as refused:
+        load_engine(engine_dir, machine=machine, deserialize=deserialized)
+    assert refused.value.field == field and field in str(refused.value)
+
+
+def test_engine_refused_for_another_export(engine_dir, tmp_path):
+    other = export_vision_aot(load_model("tiny-llava-ov"), AOTConfig(frames=8, keep=5), tmp_path / "other",
+                              progress=False).directory
+    with pytest.raises(EngineMismatch, match="onnx_sha256"):
+        load_engine(engine_dir, other, Machine({"tensorrt_rtx": "x"}, "8.6"), deserialize=deserialized)
+
+
+def test_tampered_plan_is_refused(engine_dir, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(engine_dir, copy)
+    with open(copy / PLAN, "r+b") as handle:
+        handle.seek(64)
+        handle.write(b"\x00\x01\x02\x03")
+    with pytest.raises(EngineMismatch, match="plan_sha256"):
+        read_sidecar(copy)
+
+
+def test_build_settings_round_trip():
+    settings = BuildSettings(target="rtx", precision="fp16", compute_capabilities=("8.6",))
+    assert BuildSettings(**{**settings.to_dict(), "compute_capabilities": ("8.6",)}) == settings
+    with pytest.raises(InputError, match="optimization level"):
+        BuildSettings(target="rtx", precision="fp16", optimization_level=9)
+
+
+# ---- datacenter / Jetson TensorRT: the same code path, where installed ---------------------------------------------
+@needs_tensorrt
+@pytest.mark.parametrize("typing", ["strong", "weak"])
+def test_tensorrt_builds_fp16(export_dir, tmp_path, typing):
+    from engines.sidecar import gpu_compute_capability
+
+    capability = gpu_compute_capability()
+    target = next((t for t in TARGETS.values() if t.flavour == "tensorrt" and capability in t.compute_capabilities),
+                  None)
+    if target is None:
+        pytest.skip(f"no tensorrt target for this GPU (SM {capability})")
+    result = build_engine_dir(export_dir, settings_for(target, "fp16", typing=typing), tmp_path / "e",
+                              progress=False)
+    assert result.plan_bytes > 0
+    if typing == "weak":
+        assert result.sidecar.network["fp32_constrained_layers"] > 0
+    np.testing.assert_equal(read_sidecar(result.directory).precision, "fp16")

@@ -8,6 +8,7 @@ Every count comes from the config, so every shape is known when the graph is tra
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -121,9 +122,24 @@ def fixed_sinkhorn(cfg: AOTConfig) -> Sinkhorn:
     return lambda cost, log_mu, log_nu: log_sinkhorn(cost, log_mu, log_nu, cfg.eps, cfg.sinkhorn_iters)
 
 
+@dataclass(frozen=True)
+class Transport:
+    """The intra-frame transport as a linear map of a frame's tokens: updated anchor j is
+    `self_weight[j] · y_j + Σ_i weights[i, j] · x_i` (anchors [T, V] self weights, [T, N, V] token weights)."""
+
+    anchor_idx: Tensor
+    self_weight: Tensor
+    weights: Tensor
+
+    def updated_anchors(self, features: Tensor) -> Tensor:
+        """[T, V, H]; the reducer itself never forms them (see `pool_retained`)."""
+        return (self.self_weight.unsqueeze(-1) * gather_rows(features, self.anchor_idx)
+                + self.weights.transpose(1, 2) @ features)
+
+
 def intra_frame_transport(cfg: AOTConfig, features: Tensor, anchor_idx: Tensor, positions: Tensor,
-                          sinkhorn: Sinkhorn | None = None) -> Tensor:
-    """Fold every frame's pruned tokens into its anchors (AOT_SPEC §2). Returns the updated anchors [T, V, H]."""
+                          sinkhorn: Sinkhorn | None = None) -> Transport:
+    """Fold every frame's pruned tokens into its anchors (AOT_SPEC §2), as a linear map of the tokens."""
     n_anchors = anchor_idx.shape[1]
     anchors = gather_rows(features, anchor_idx)                                                    # [T, V, H]
     pruned = torch.ones_like(features[..., 0], dtype=torch.bool).scatter(1, anchor_idx, False)     # [T, N]
@@ -136,18 +152,17 @@ def intra_frame_transport(cfg: AOTConfig, features: Tensor, anchor_idx: Tensor, 
                          torch.full_like(cost[..., 0], NO_MASS))
     log_nu = torch.full_like(cost[:, 0, :], -math.log(n_anchors))
     plan = (sinkhorn or fixed_sinkhorn(cfg))(cost, log_mu, log_nu)                                # [T, N, V]
-    absorbed = plan.sum(1, keepdim=True)                                                           # [T, 1, V]
-    # y~ = (y + lam·Πᵀx) / (1 + lam·m), written as self-weight · y + weightsᵀ · x so that every blend below
-    # stays one product with the wide features.
+    absorbed = plan.sum(1)                                                                         # [T, V]
+    # y~ = (y + lam·Πᵀx) / (1 + lam·m) = self_weight · y + weightsᵀ · x
     self_weight = 1.0 / (1.0 + cfg.lam * absorbed)
-    weights = cfg.lam * plan * self_weight
+    weights = cfg.lam * plan * self_weight.unsqueeze(1)
     if cfg.alpha > 0:
         nearest = similarity.argmax(-1, keepdim=True)                                              # [T, N, 1]
         members = ((nearest == torch.arange(n_anchors, device=features.device)) & pruned.unsqueeze(-1)).float()
-        hard_weight = 1.0 / (1.0 + members.sum(1, keepdim=True))                                   # [T, 1, V]
+        hard_weight = 1.0 / (1.0 + members.sum(1))                                                 # [T, V]
         self_weight = (1.0 - cfg.alpha) * self_weight + cfg.alpha * hard_weight
-        weights = (1.0 - cfg.alpha) * weights + cfg.alpha * members * hard_weight
-    return self_weight.transpose(1, 2) * anchors + weights.transpose(1, 2) @ features
+        weights = (1.0 - cfg.alpha) * weights + cfg.alpha * members * hard_weight.unsqueeze(1)
+    return Transport(anchor_idx, self_weight, weights)
 
 
 # ---- pooling ----------------------------------------------------------------------------------------------------
@@ -181,12 +196,19 @@ def retained_cells(cfg: AOTConfig, pooled_mask: Tensor, pooled_deep: Tensor) -> 
     return top_k_raster(cfg.pooled_anchors, quantised, pooled_deep)
 
 
-def pool_retained(features: Tensor, anchors: Tensor, updated: Tensor, anchor_idx: Tensor, weights: Tensor) -> Tensor:
-    """The retained cells [T, A, H] of the pooled grid in which anchors carry their updated values: pooling is
-    linear, so pool the original grid and add the pooled anchor updates; `weights` [T, A, N] are the kept rows
-    of the pooling matrix."""
-    anchor_weights = weights.gather(2, anchor_idx.unsqueeze(1).expand(-1, weights.shape[1], -1))  # [T, A, V]
-    return weights @ features + anchor_weights @ (updated - anchors)
+def pool_retained(features: Tensor, transport: Transport, pool_rows: Tensor) -> Tensor:
+    """The retained cells [T, A, H] of the pooled grid in which anchors carry their updated values.
+
+    Pooling and the transport are both linear in the tokens, so they compose into one [T, A, N] map applied to the
+    wide features once: pool_rows · X + anchor_rows · (updated − anchors), with updated − anchors =
+    (self_weight − 1) · one_hot(anchor_idx) · X + weightsᵀ · X. `pool_rows` are the kept rows of the pooling
+    matrix; anchor_rows their columns at the anchors."""
+    anchor_idx = transport.anchor_idx
+    tokens = features.shape[1]
+    anchor_rows = pool_rows.gather(2, anchor_idx.unsqueeze(1).expand(-1, pool_rows.shape[1], -1))   # [T, A, V]
+    one_hot = (anchor_idx.unsqueeze(-1) == torch.arange(tokens, device=features.device)).to(features.dtype)
+    moved = (transport.self_weight - 1.0).unsqueeze(-1) * one_hot + transport.weights.transpose(1, 2)  # [T, V, N]
+    return (pool_rows + anchor_rows @ moved) @ features
 
 
 # ---- inter-frame ------------------------------------------------------------------------------------------------
@@ -256,9 +278,8 @@ class AOTReducer(nn.Module):
 
         anchor_mask, cells = self.select(score_shallow, score_deep)                            # [T, N], [T, A]
         anchor_idx = mask_indices(anchor_mask, cfg.anchors)                                    # [T, V]
-        updated = intra_frame_transport(cfg, features, anchor_idx, self.positions, self.sinkhorn)  # [T, V, H]
-        retained = pool_retained(features, gather_rows(features, anchor_idx), updated, anchor_idx,
-                                 self.pooling[cells])                                          # [T, A, H]
+        transport = intra_frame_transport(cfg, features, anchor_idx, self.positions, self.sinkhorn)
+        retained = pool_retained(features, transport, self.pooling[cells])                     # [T, A, H]
         frame_ids = torch.arange(cfg.frames, device=cells.device).unsqueeze(-1).expand_as(cells)
 
         if not cfg.inter_frame:

@@ -82,7 +82,8 @@ def reference_aot(cfg: AOTConfig, features: Tensor, score_shallow: Tensor, score
     anchor_idx = mask_indices(anchor_mask, n_anchors)
 
     solver = EarlyStoppingSinkhorn(cfg.eps, tol, max_iters)
-    updated = intra_frame_transport(cfg, features, anchor_idx, grid_positions(cfg.grid).double(), solver)
+    updated = intra_frame_transport(cfg, features, anchor_idx, grid_positions(cfg.grid).double(),
+                                    solver).updated_anchors(features)
     intra_iterations = solver.iterations.pop()
     grid = features.scatter(1, anchor_idx.unsqueeze(-1).expand_as(updated), updated)
     pooling = pooling_matrix(cfg).double()

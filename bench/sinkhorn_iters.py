@@ -35,7 +35,7 @@ COUNTS = range(1, 31)
 def intra_stage(cfg: AOTConfig, reducer: AOTReducer, features, shallow, deep, sinkhorn=None) -> torch.Tensor:
     anchor_mask, _ = reducer.select(shallow, deep)
     anchor_idx = mask_indices(anchor_mask, cfg.anchors)
-    return intra_frame_transport(cfg, features, anchor_idx, reducer.positions, sinkhorn)
+    return intra_frame_transport(cfg, features, anchor_idx, reducer.positions, sinkhorn).updated_anchors(features)
 
 
 @torch.inference_mode()

@@ -56,13 +56,18 @@ def _export(args: argparse.Namespace) -> int:
     from .config import AOTConfig
     from .export import export_vision_aot, solve_config
 
+    import time
+
+    start = time.perf_counter()
     adapter = load_model(args.model)
+    load_seconds = time.perf_counter() - start
     if args.config:
         cfg = AOTConfig.from_json(_read_text(args.config))
     else:
         cfg = solve_config(args.frames, args.retention, args.anchors, args.pooled_anchors, args.keep,
                            grid=adapter.info.grid, clip_len=args.clip_len)
     result = export_vision_aot(adapter, cfg, args.out, progress=not args.quiet)
+    result.seconds["load model"] = load_seconds
     sizes = {name: (result.directory / name).stat().st_size for name in result.manifest.files}
     rows = [("model", adapter.info.model_id), ("frames", cfg.frames),
             ("visual tokens without AOT", cfg.input_tokens), ("visual tokens with AOT", cfg.output_tokens),

@@ -53,6 +53,12 @@ class ModelAdapter(ABC):
     def vision_aot(self, cfg: AOTConfig) -> nn.Module:
         """The exported module: frames [T, 3, S, S] → tokens [n, H], index [n, 3]."""
 
+    def encode(self, cfg: AOTConfig, frames: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """What the reducer reads, without reducing: features [T, N, H], score_shallow, score_deep [T, N]
+        (for studies and pictures of the reduction)."""
+        with torch.inference_mode():
+            return self.vision_aot(cfg).encode(frames)
+
     @abstractmethod
     def reference(self, cfg: AOTConfig, frames: Tensor) -> tuple[Tensor, Tensor]:
         """The PyTorch reference on the same frames, through the library's own attention (eager, weights

@@ -99,11 +99,15 @@ class VisionAOT(nn.Module):
         self.scores = nn.ModuleList([AttentionReceived(tower.encoder.layers[i]) for i in score_layers])
         self.reducer = AOTReducer(cfg)
 
-    def forward(self, frames: Tensor) -> tuple[Tensor, Tensor]:
+    def encode(self, frames: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """frames → projected features [T, N, H], shallow and deep scores [T, N]: what the reducer reads."""
         hidden = self.tower(frames, output_hidden_states=True).hidden_states
         features = self.projector(select_features(hidden, self.feature_layer))
         score_shallow, score_deep = (score(hidden[i]) for score, i in zip(self.scores, self.score_layers))
-        return self.reducer(features, score_shallow, score_deep)
+        return features, score_shallow, score_deep
+
+    def forward(self, frames: Tensor) -> tuple[Tensor, Tensor]:
+        return self.reducer(*self.encode(frames))
 
 
 class LlavaOnevisionAdapter(ModelAdapter):

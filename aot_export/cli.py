@@ -110,9 +110,15 @@ def _add_check(parser: argparse.ArgumentParser) -> None:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from runtime.chain import validate_chain
     from runtime.validate import validate_export
 
-    report = validate_export(args.dir, args.video, model=args.model, device=args.device, progress=not args.quiet)
+    if args.llm:
+        report = validate_chain(args.dir, args.video, args.llm, prompt=args.prompt, tokens=args.tokens,
+                                model=args.model, device=args.device, progress=not args.quiet)
+    else:
+        report = validate_export(args.dir, args.video, model=args.model, device=args.device,
+                                 progress=not args.quiet)
     print(report.table())
     write_json(args.json, report.to_dict())
     return EXIT_OK if report.passed else EXIT_FAILED
@@ -124,6 +130,60 @@ def _add_validate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="reference model, if not where the manifest says")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="ONNX Runtime device (auto: CUDA when available)")
+    parser.add_argument("--llm", default=None,
+                        help="also validate the LLM side: transformers, transformers-int8 or an ONNX LLM directory")
+    parser.add_argument("--prompt", default="What is happening in this video?", help="prompt for --llm")
+    parser.add_argument("--tokens", type=int, default=16, help="greedy tokens compared with --llm (16)")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from runtime.pipeline import Pipeline
+
+    if not args.prompt.strip():
+        raise InputError("the prompt is empty; pass --prompt with a question about the video")
+    pipeline = Pipeline(args.model, backend=args.backend, llm=args.llm, device=args.device,
+                        reduce=not args.no_reduce)
+    report = pipeline.answer(args.video, args.prompt, max_new_tokens=args.max_new_tokens)
+    print(report.table())
+    write_json(args.json, report.to_dict())
+    return EXIT_OK
+
+
+def _add_run(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True,
+                        help="engine directory, export directory, built-in model or checkpoint directory")
+    parser.add_argument("--video", required=True, help="video file")
+    parser.add_argument("--prompt", required=True, help="the question about the video")
+    parser.add_argument("--backend", choices=("torch", "onnxruntime", "tensorrt"), default=None,
+                        help="vision backend (default: from the artifact)")
+    parser.add_argument("--llm", default="transformers-int8",
+                        help="transformers, transformers-int8 (default) or an ONNX LLM directory (quantize-llm)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--no-reduce", action="store_true", help="all visual tokens, no AOT, for comparison")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+
+
+def _quantize_llm(args: argparse.Namespace) -> int:
+    from runtime.llm import build_onnx_decoder
+
+    from .adapters import load_model
+
+    adapter = load_model(args.model)
+    out = build_onnx_decoder(adapter, args.out, precision=args.precision, execution_provider=args.ep,
+                             progress=not args.quiet)
+    size = sum(p.stat().st_size for p in out.iterdir())
+    print(format_table([("model", adapter.info.model_id), ("precision", args.precision),
+                        ("execution provider", args.ep), ("size", f"{size / 1e6:.1f} MB"), ("written", str(out))],
+                       ("quantize-llm", "")))
+    write_json(args.json, {"directory": str(out), "bytes": size})
+    return EXIT_OK
+
+
+def _add_quantize_llm(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="tiny-llava-ov", help="built-in model or checkpoint directory")
+    parser.add_argument("--precision", choices=("int4", "fp16", "fp32"), default="int4")
+    parser.add_argument("--ep", choices=("cpu", "cuda"), default="cpu", help="execution provider it is built for")
+    parser.add_argument("--out", required=True, help="directory for the ONNX LLM")
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -207,6 +267,9 @@ COMMANDS: dict[str, Command] = {
     "check": Command("ONNX checker, TensorRT-compatibility lint, TensorRT parse + build", _add_check, _check),
     "validate": Command("run the export on a video against the PyTorch reference", _add_validate, _validate),
     "build": Command("build a TensorRT engine for a target from an export", _add_build, _build),
+    "quantize-llm": Command("build an int4 ONNX decoder of the checkpoint's LLM (onnxruntime-genai)",
+                            _add_quantize_llm, _quantize_llm),
+    "run": Command("answer a prompt about a video: vision (+AOT) → LLM, with a latency table", _add_run, _run),
     "demo": Command("the whole chain on the built-in default, no arguments needed", _add_demo, _demo),
 }
 

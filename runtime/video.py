@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import av
 import numpy as np
@@ -107,3 +108,20 @@ SHARED_VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "video
 def shared_videos() -> list[Path]:
     """The team's real footage beside the project root (`../shared/data/videos`), if this checkout has it."""
     return sorted(SHARED_VIDEOS.glob("*.mp4"))
+
+
+def rolling_clips(source: Iterable[np.ndarray], frames: int, window: int, stride: int) -> Iterator[np.ndarray]:
+    """Clips of `frames` frames from a live feed: every `stride` new frames, `frames` frames sampled uniformly
+    (as from a file) over the last `window` frames. The first clip comes once `window` frames have arrived."""
+    from collections import deque
+
+    if stride < 1 or frames > window:
+        raise InputError(f"rolling window: need stride >= 1 and frames ({frames}) <= window ({window})")
+    recent: deque = deque(maxlen=window)
+    since = 0
+    for frame in source:
+        recent.append(frame)
+        since += 1
+        if len(recent) == window and since >= stride:
+            since = 0
+            yield np.stack([recent[i] for i in sample_indices(window, frames)])

@@ -34,9 +34,47 @@ def tiny_config() -> "LlavaOnevisionConfig":
                                 image_size=384, patch_size=14, vision_use_head=False)
     text = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, vocab_size=512, max_position_embeddings=8192,
-                       tie_word_embeddings=True)
+                       tie_word_embeddings=True, eos_token_id=2, pad_token_id=0, bos_token_id=None)
+    tokenizer = tiny_tokenizer()
     return LlavaOnevisionConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), vision_feature_layer=-1,
-                                vision_feature_select_strategy="full", image_token_index=510, video_token_index=511)
+                                vision_feature_select_strategy="full",
+                                image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                                video_token_index=tokenizer.convert_tokens_to_ids("<video>"))
+
+
+# The chat template the published LLaVA-OneVision (Qwen2) checkpoints carry.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n'}}"
+    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\\n' }}{% endfor %}"
+    "{# Render all video then #}{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}"
+    "{{ '<video>\\n' }}{% endfor %}"
+    "{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
+    "{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] }}{% endgeneration %}{% endfor %}{% endif %}"
+    "{{'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>")
+TOKENIZER_CORPUS = Path(__file__).with_name("tiny_corpus.txt")
+
+
+def tiny_tokenizer(vocab_size: int = 500) -> "PreTrainedTokenizerFast":
+    """A byte-level BPE with Qwen2's special tokens and LLaVA-OneVision's chat template, trained here on a fixed
+    text: deterministic, nothing downloaded."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(TOKENIZER_CORPUS.read_text().splitlines(), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=list(SPECIAL_TOKENS))
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
 
 
 def onevision_05b_config() -> "LlavaOnevisionConfig":
@@ -113,7 +151,7 @@ class VisionAOT(nn.Module):
 class LlavaOnevisionAdapter(ModelAdapter):
     model_type = "llava_onevision"
 
-    def __init__(self, model_id: str, model: nn.Module, preprocessing: Preprocessing):
+    def __init__(self, model_id: str, model: nn.Module, preprocessing: Preprocessing, tokenizer: Any = None):
         config = model.config
         vision = config.vision_config
         if config.vision_feature_select_strategy != "full":
@@ -128,6 +166,7 @@ class LlavaOnevisionAdapter(ModelAdapter):
                               config_hash=config_hash(config.to_dict()), grid=vision.image_size // vision.patch_size,
                               image_size=vision.image_size, hidden=config.text_config.hidden_size)
         self._eager_tower: nn.Module | None = None
+        self.tokenizer = tokenizer
 
     @staticmethod
     def _score_layers(model_id: str, layers: int, feature_layer: int | list[int]) -> tuple[int, int]:
@@ -149,7 +188,7 @@ class LlavaOnevisionAdapter(ModelAdapter):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = LlavaOnevisionForConditionalGeneration(config)
-        return cls(model_id, model, preprocessing)
+        return cls(model_id, model, preprocessing, tiny_tokenizer())
 
     @classmethod
     def from_checkpoint(cls, directory: Path) -> "LlavaOnevisionAdapter":
@@ -164,7 +203,7 @@ class LlavaOnevisionAdapter(ModelAdapter):
         except (OSError, ValueError) as exc:
             raise InputError(f"{directory}: cannot load the checkpoint ({' '.join(str(exc).split())[:200]}); "
                              "pass a complete LLaVA-OneVision checkpoint directory") from exc
-        return cls(str(directory), model, preprocessing)
+        return cls(str(directory), model, preprocessing, checkpoint_tokenizer(directory))
 
     # ---- graphs -----------------------------------------------------------------------------------------------
     def vision_aot(self, cfg: AOTConfig) -> VisionAOT:
@@ -188,12 +227,70 @@ class LlavaOnevisionAdapter(ModelAdapter):
             deep.append(out.attentions[self.score_layers[1]].sum(-2).mean(1))
         return AOTReducer(cfg)(torch.cat(features), torch.cat(shallow), torch.cat(deep))
 
+    # ---- language side (runtime) -----------------------------------------------------------------------------------
+    @property
+    def video_token_id(self) -> int:
+        return self.model.config.video_token_index
+
+    @property
+    def image_newline(self) -> Tensor:
+        """LLaVA-OneVision appends this learned token after a video's visual tokens."""
+        return self.model.model.image_newline
+
+    def embed_tokens(self, ids: Tensor) -> Tensor:
+        return self.model.model.language_model.embed_tokens(ids)
+
+    def decoder(self) -> tuple[nn.Module, nn.Module]:
+        """(the LLM's decoder stack taking inputs_embeds, its lm_head)."""
+        return self.model.model.language_model, self.model.lm_head
+
+    @torch.inference_mode()
+    def full_video_features(self, frames: Tensor) -> Tensor:
+        """Every pooled visual token of every frame plus the newline, [T·P + 1, H]: Hugging Face's own video
+        path, what the LLM receives without AOT."""
+        config = self.model.config
+        out = self.model.model.get_video_features(frames.unsqueeze(0), vision_feature_layer=config.vision_feature_layer,
+                                                  vision_feature_select_strategy=config.vision_feature_select_strategy)
+        return out.pooler_output[0]
+
+    def save_language_model(self, directory: Path) -> Path:
+        """The LLM alone as a Hugging Face Qwen2-family checkpoint (config, safetensors, tokenizer), the input of
+        onnxruntime-genai's model builder."""
+        from transformers import AutoModelForCausalLM
+
+        text_config = copy.deepcopy(self.model.config.text_config)
+        with torch.device("meta"):
+            causal = AutoModelForCausalLM.from_config(text_config)
+        state = {f"model.{k}": v for k, v in self.model.model.language_model.state_dict().items()}
+        state["lm_head.weight"] = self.model.lm_head.weight
+        causal.load_state_dict(state, assign=True, strict=True)
+        causal.save_pretrained(directory)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(directory)
+        return directory
+
     def _eager(self) -> nn.Module:
         """A copy of the tower with Hugging Face's eager attention, which returns its attention weights."""
         if self._eager_tower is None:
             self._eager_tower = copy.deepcopy(self.model.model.vision_tower)
             self._eager_tower.set_attn_implementation("eager")
         return self._eager_tower
+
+
+def checkpoint_tokenizer(directory: Path) -> Any:
+    """The checkpoint's tokenizer, with the chat template from its processor files when the tokenizer has none."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError):
+        return None
+    if tokenizer.chat_template is None:
+        if (directory / "chat_template.json").is_file():
+            tokenizer.chat_template = json.loads((directory / "chat_template.json").read_text())["chat_template"]
+        elif (directory / "chat_template.jinja").is_file():
+            tokenizer.chat_template = (directory / "chat_template.jinja").read_text()
+    return tokenizer
 
 
 BUILTIN = {

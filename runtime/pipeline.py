@@ -1,0 +1,106 @@
+"""video → frames → vision backend (+AOT) → prompt assembly → LLM backend → answer, with a latency report.
+
+`aot-export run` is `Pipeline(...).answer(video, prompt)`; a camera or robot feed goes through
+`Pipeline.answer_frames` on the clips `runtime.video.rolling_clips` cuts from its frame iterator.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from aot_export.adapters import load_model
+from aot_export.preprocess import Preprocessing, preprocess_frames
+
+from .llm import load_llm
+from .prompt import assemble, chat_ids
+from .video import decode_frames
+from .vision import artifact_kind, open_vision
+
+DEFAULT_FRAMES = 32
+
+
+@dataclass
+class RunReport:
+    answer: str
+    reduced: bool
+    vision_backend: str
+    llm_backend: str
+    visual_tokens: int                     # positions the video takes in the prompt (tokens + newline)
+    prompt_tokens: int
+    generated_tokens: int
+    seconds: dict[str, float] = field(default_factory=dict)
+    decode_tokens_per_s: float = float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def table(self) -> str:
+        from aot_export.cli import format_table
+
+        rows = [*[(f"{stage}", f"{seconds * 1e3:.1f} ms") for stage, seconds in self.seconds.items()],
+                ("decode tokens/s", f"{self.decode_tokens_per_s:.1f}"),
+                ("visual tokens (incl. newline)", self.visual_tokens), ("prompt tokens", self.prompt_tokens),
+                ("generated tokens", self.generated_tokens),
+                ("backends", f"vision {self.vision_backend}{' + AOT' if self.reduced else ', no reduction'}, "
+                             f"LLM {self.llm_backend}")]
+        return f"answer: {self.answer!r}\n\n" + format_table(rows, ("stage", "latency"))
+
+
+class Pipeline:
+    def __init__(self, model: str, backend: str | None = None, llm: str = "transformers-int8", device: str = "auto",
+                 reduce: bool = True, adapter: Any = None):
+        kind = artifact_kind(model)
+        self.reduce = reduce
+        if kind == "model":
+            self.adapter = adapter or load_model(model)
+            self.vision, self.manifest = (open_vision(model, backend, device, self.adapter) if reduce
+                                          else (None, None))
+        else:
+            self.vision, self.manifest = open_vision(model, backend, device, adapter)
+            self.adapter = adapter or load_model(self.manifest.model["model_id"])
+            if not reduce:
+                self.vision = None
+        self.frames = self.manifest.aot.frames if self.manifest else DEFAULT_FRAMES
+        self.preprocessing: Preprocessing = (self.manifest.preprocessing if self.manifest
+                                             else self.adapter.preprocessing)
+        self.llm = load_llm(llm, self.adapter)
+        self.eos = self.adapter.tokenizer.eos_token_id
+
+    def visual_tokens(self, pixels: np.ndarray) -> torch.Tensor:
+        if self.vision is None:
+            return self.adapter.full_video_features(torch.from_numpy(pixels))[:-1]     # newline re-added below
+        tokens, _ = self.vision.run(pixels)
+        return torch.from_numpy(np.asarray(tokens, dtype=np.float32))
+
+    def answer(self, video: str | Path, prompt: str, max_new_tokens: int = 32) -> RunReport:
+        chat_ids(self.adapter, prompt)          # a bad prompt is refused before the video is decoded
+        start = time.perf_counter()
+        frames = decode_frames(video, self.frames)
+        decoded = time.perf_counter() - start
+        return self.answer_frames(frames, prompt, max_new_tokens, {"decode": decoded})
+
+    def answer_frames(self, frames: np.ndarray, prompt: str, max_new_tokens: int = 32,
+                      seconds: dict[str, float] | None = None) -> RunReport:
+        seconds = dict(seconds or {})
+        start = time.perf_counter()
+        pixels = preprocess_frames(frames, self.preprocessing)
+        seconds["preprocess"] = time.perf_counter() - start
+        start = time.perf_counter()
+        visual = self.visual_tokens(pixels)
+        seconds["vision + AOT" if self.reduce else "vision"] = time.perf_counter() - start
+        start = time.perf_counter()
+        inputs = assemble(self.adapter, prompt, visual)
+        seconds["prompt assembly"] = time.perf_counter() - start
+        generation = self.llm.generate(inputs.embeds, max_new_tokens, eos=self.eos)
+        seconds["LLM prefill (TTFT)"] = generation.prefill_s
+        seconds["LLM decode"] = generation.decode_s
+        answer = self.adapter.tokenizer.decode(generation.tokens, skip_special_tokens=True)
+        return RunReport(answer, self.reduce, self.vision.name if self.vision else "torch (HF video path)",
+                         self.llm.name, inputs.visual_tokens, inputs.length, len(generation.tokens), seconds,
+                         generation.decode_tokens_per_s)

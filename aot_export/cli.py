@@ -233,6 +233,27 @@ def _add_build(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="engine directory (default: DIR-TARGET-PRECISION)")
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from runtime.bench import run_bench
+
+    report = run_bench(widths=tuple(args.widths), encoder_frames=args.encoder_frames, repeats=args.repeats,
+                       graph_frames=args.graph_frames, retentions=tuple(args.retentions), frames=args.frames)
+    print(report.table())
+    write_json(args.json, report.to_dict())
+    return EXIT_OK
+
+
+def _add_bench(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--widths", type=int, nargs="*", default=[896, 3584],
+                        help="LLM widths for the reduction / encoder ratio (896 3584)")
+    parser.add_argument("--encoder-frames", type=int, default=2, help="frames the encoder is timed on (2)")
+    parser.add_argument("--repeats", type=int, default=2, help="best of N after a warm-up (2)")
+    parser.add_argument("--graph-frames", type=int, default=32, help="frames for ORT vs eager (0: skip)")
+    parser.add_argument("--retentions", type=float, nargs="*", default=[0.10, 0.15, 0.20, 0.25],
+                        help="retentions for the LLM prefill comparison (none: skip)")
+    parser.add_argument("--frames", type=int, default=32, help="video frames behind the prefill lengths (32)")
+
+
 def _demo(args: argparse.Namespace) -> int:
     from runtime.demo import run_demo
 
@@ -269,6 +290,8 @@ COMMANDS: dict[str, Command] = {
     "build": Command("build a TensorRT engine for a target from an export", _add_build, _build),
     "quantize-llm": Command("build an int4 ONNX decoder of the checkpoint's LLM (onnxruntime-genai)",
                             _add_quantize_llm, _quantize_llm),
+    "bench": Command("ratios side by side: AOT / encoder, ORT / eager, LLM prefill with / without AOT",
+                     _add_bench, _bench),
     "run": Command("answer a prompt about a video: vision (+AOT) → LLM, with a latency table", _add_run, _run),
     "demo": Command("the whole chain on the built-in default, no arguments needed", _add_demo, _demo),
 }

@@ -254,6 +254,39 @@ def _add_bench(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frames", type=int, default=32, help="video frames behind the prefill lengths (32)")
 
 
+def _visualize(args: argparse.Namespace) -> int:
+    from runtime.visualize import visualize
+
+    from .adapters import load_model
+    from .export import solve_config
+
+    adapter = load_model(args.model)
+    cfg = solve_config(args.frames, args.retention, args.anchors, args.pooled_anchors, args.keep,
+                       grid=adapter.info.grid, clip_len=args.clip_len)
+    shown = None if args.frames_shown == "all" else int(args.frames_shown)
+    info = visualize(adapter, args.video, args.out, cfg, frames_shown=shown, progress=not args.quiet)
+    model = info["model"] + (" (random weights)" if info["random_weights"] else "")
+    rows = [("video", info["video"]), ("model", model), ("visual tokens without AOT", info["input_tokens"]),
+            ("visual tokens with AOT", info["output_tokens"]), ("retention", f"{info['retention']:.2%}"),
+            ("frames shown", len(info["frames_shown"])), ("written", f"{info['out']} ({info['png_bytes'] / 1e6:.2f} MB)")]
+    print(format_table(rows, ("visualize", "")))
+    write_json(args.json, info)
+    return EXIT_OK
+
+
+def _add_visualize(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="tiny-llava-ov", help="built-in model or checkpoint directory")
+    parser.add_argument("--video", required=True, help="video file")
+    parser.add_argument("--out", required=True, help="PNG to write")
+    parser.add_argument("--frames", type=int, default=32, help="frames per video (32)")
+    parser.add_argument("--clip-len", type=int, default=None, help="frames per clip (4 when it divides)")
+    parser.add_argument("--retention", type=float, default=None, help="target share of visual tokens kept")
+    parser.add_argument("--anchors", type=int, default=None)
+    parser.add_argument("--pooled-anchors", type=int, default=None)
+    parser.add_argument("--keep", type=int, default=None)
+    parser.add_argument("--frames-shown", default="8", help="frames drawn (whole clips), or 'all' (8)")
+
+
 def _demo(args: argparse.Namespace) -> int:
     from runtime.demo import run_demo
 
@@ -292,6 +325,7 @@ COMMANDS: dict[str, Command] = {
                             _add_quantize_llm, _quantize_llm),
     "bench": Command("ratios side by side: AOT / encoder, ORT / eager, LLM prefill with / without AOT",
                      _add_bench, _bench),
+    "visualize": Command("a PNG of what AOT keeps, merges and drops on a video", _add_visualize, _visualize),
     "run": Command("answer a prompt about a video: vision (+AOT) → LLM, with a latency table", _add_run, _run),
     "demo": Command("the whole chain on the built-in default, no arguments needed", _add_demo, _demo),
 }

@@ -26,6 +26,8 @@ NO_MASS = -1.0e4
 def top_k_mask(k: int, *keys: Tensor) -> Tensor:
     """Bool mask of the `k` best entries along the last dim: largest first key, ties to the next key, then to the
     lower index. Exact on every backend: only the k-th value is taken from TopK, never its tie order."""
+    if k == 0:
+        return torch.zeros_like(keys[0], dtype=torch.bool)
     lowest = torch.finfo(keys[0].dtype).min
     candidates = torch.ones_like(keys[0], dtype=torch.bool)
     chosen = torch.zeros_like(candidates)

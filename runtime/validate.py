@@ -29,7 +29,7 @@ from .video import decode_frames
 @dataclass(frozen=True)
 class Gates:
     """Lower bounds on `aot_export.fidelity.compare_tokens` figures, and Polygraphy's absolute tolerance on
-    `tokens` (None: not gated)."""
+    `tokens` as a share of the reference's largest |value| (token scale differs by model; None: not gated)."""
 
     floors: dict[str, float]
     max_abs: float | None = None
@@ -38,7 +38,7 @@ class Gates:
 # By the precision the graph computes in. fp32 must reproduce the reference to rounding, position by position;
 # reduced precision may flip near-tied cells, so it is held to the cells it shares with the reference.
 GATES = {
-    "fp32": Gates({"cosine_min": 0.99999, "index_agreement": 1.0}, max_abs=1e-4),
+    "fp32": Gates({"cosine_min": 0.99999, "index_agreement": 1.0}, max_abs=1e-3),
     "fp16": Gates({"matched_cosine_min": 0.999, "cell_agreement": 0.95}),
     "int8": Gates({"matched_cosine_min": 0.995, "cell_agreement": 0.98}),
     "fp8": Gates({"matched_cosine_min": 0.995, "cell_agreement": 0.98}),
@@ -76,7 +76,8 @@ class ValidationReport:
 
         m, checks = self.metrics, self.checks
         gate = {**{k: f">= {v:g}" for k, v in self.gates.floors.items()},
-                **({"max_abs": f"<= {self.gates.max_abs:g}"} if self.gates.max_abs is not None else {})}
+                **({"max_abs": f"<= {self.gates.max_abs:g} × max|ref| = {m['max_abs_tolerance']:.3g}"}
+                   if self.gates.max_abs is not None else {})}
         rows = [(name, f"{m[name]:.8f}" if "cosine" in name else f"{m[name]:.6g}", gate.get(name, ""),
                  ("ok" if checks[name] else "FAIL") if name in checks else "")
                 for name in ("cosine_min", "cosine_mean", "max_abs", "index_agreement", "cell_agreement",
@@ -97,13 +98,14 @@ def compare_outputs(cfg: AOTConfig, reference: dict[str, np.ndarray], actual: di
         raise InputError(f"output shapes {actual['tokens'].shape} differ from the reference's "
                          f"{reference['tokens'].shape}; the export does not belong to this model/config: re-export")
     metrics = compare_tokens(cfg, reference["tokens"], reference["index"], actual["tokens"], actual["index"])
-    atol = gates.max_abs if gates.max_abs is not None else float("inf")
+    scale = float(np.abs(reference["tokens"]).max())
+    atol = gates.max_abs * scale if gates.max_abs is not None else float("inf")
     compare = SimpleCompareFunc(atol={"tokens": atol, "index": 0}, rtol={"tokens": 0.0, "index": 0.0},
                                 check_error_stat="max")
     with G_LOGGER.verbosity(G_LOGGER.CRITICAL), np.errstate(divide="ignore", invalid="ignore"):
         verdict = compare(IterationResult(reference, runner_name="reference"),
                           IterationResult(actual, runner_name="export"))
-    return {**metrics, "mean_abs": float(verdict["tokens"].mean_absdiff),
+    return {**metrics, "mean_abs": float(verdict["tokens"].mean_absdiff), "max_abs_tolerance": atol,
             "polygraphy_tokens_pass": float(bool(verdict["tokens"])),
             "polygraphy_index_pass": float(bool(verdict["index"]))}
 

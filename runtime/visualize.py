@@ -205,10 +205,11 @@ def _output_weight(transport: Transport, pool_rows: Tensor, cell_weight: Tensor,
     token's weight in the unreduced output (every pooled cell once: P / N). Not by each token's own weight: the
     bilinear 27->14 pooling gives some token rows 7 % of others' weight, and a pruned token's share comes from its
     anchor's pooling weight, not its own, so a per-token ratio would mostly draw the pooling's pattern."""
-    with torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad():          # also under a caller's inference_mode
+        transport = Transport(*(t.clone() for t in (transport.anchor_idx, transport.self_weight, transport.weights)))
         probe = torch.zeros(pool_rows.shape[0], pooling.shape[1], 1, requires_grad=True)
-        retained = pool_retained(probe, transport, pool_rows)                                 # [T, A, 1]
-        (retained[..., 0] * cell_weight).sum().backward()
+        retained = pool_retained(probe, transport, pool_rows.clone())                         # [T, A, 1]
+        (retained[..., 0] * cell_weight.clone()).sum().backward()
     return probe.grad[..., 0].detach() * (pooling.shape[1] / pooling.shape[0])
 
 

@@ -308,3 +308,14 @@ def test_paper_settings_differ(name, change):
     assert paper_tokens.shape == tokens.shape and paper_index.shape == (paper.output_tokens, 3)
     assert torch.isfinite(paper_tokens).all()
     assert (paper_tokens - tokens).abs().max() > 1e-4
+
+
+def test_no_global_anchors():
+    """global_ratio 0: every anchor is local; the empty top-k of the global stage selects nothing."""
+    cfg = AOTConfig(frames=4, clip_len=2, grid=9, windows=3, anchors=18, pooled_anchors=8, keep=2, global_ratio=0.0)
+    assert cfg.global_anchors == 0
+    _, shallow, deep = random_inputs(cfg, 8, seed=9)
+    mask = select_anchors(cfg, AOTReducer(cfg).windows, shallow, deep)
+    assert (mask.sum(1) == cfg.anchors).all()
+    tokens, index = AOTReducer(cfg)(*random_inputs(cfg, 8, seed=9))
+    assert tokens.shape == (cfg.output_tokens, 8) and torch.isfinite(tokens).all()

@@ -186,6 +186,28 @@ def _add_quantize_llm(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="directory for the ONNX LLM")
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    from calibration import calibrate_export
+
+    report = calibrate_export(args.dir, args.videos, args.precision, args.out, holdout=args.holdout,
+                              clips_per_video=args.clips_per_video, seed=args.seed, progress=not args.quiet)
+    print(report.table())
+    write_json(args.json, report.to_dict())
+    return EXIT_OK if report.passed else EXIT_FAILED
+
+
+def _add_calibrate(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dir", help="fp32 export directory (with manifest.json)")
+    parser.add_argument("--videos", nargs="+", required=True, help="calibration videos or directories of videos")
+    parser.add_argument("--precision", choices=("int8", "fp8"), required=True)
+    parser.add_argument("--out", required=True, help="the new (quantized) export directory")
+    parser.add_argument("--holdout", default=None,
+                        help="video for the fidelity report, not used for calibration (default: a shared video "
+                             "not among --videos)")
+    parser.add_argument("--clips-per-video", type=int, default=4, help="calibration clips cut from each video (4)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
 def _build(args: argparse.Namespace) -> int:
     from engines.build import build_engine_dir, settings_for, trtexec_command
     from engines.targets import get_target
@@ -320,6 +342,8 @@ COMMANDS: dict[str, Command] = {
     "export": Command("export vision tower + projector + AOT as one static ONNX graph", _add_export, _export),
     "check": Command("ONNX checker, TensorRT-compatibility lint, TensorRT parse + build", _add_check, _check),
     "validate": Command("run the export on a video against the PyTorch reference", _add_validate, _validate),
+    "calibrate": Command("INT8/FP8 Q/DQ export calibrated on real video, fidelity on a held-out one",
+                         _add_calibrate, _calibrate),
     "build": Command("build a TensorRT engine for a target from an export", _add_build, _build),
     "quantize-llm": Command("build an int4 ONNX decoder of the checkpoint's LLM (onnxruntime-genai)",
                             _add_quantize_llm, _quantize_llm),

@@ -34,16 +34,22 @@ def token_keys(cfg: AOTConfig, index: np.ndarray) -> list[tuple[int, int, int, i
 def compare_tokens(cfg: AOTConfig, ref_tokens: np.ndarray, ref_index: np.ndarray, tokens: np.ndarray,
                    index: np.ndarray) -> dict[str, float]:
     """Position-wise cosine and max abs error, exact index agreement; cell agreement (the share of reference
-    (role, frame, row, col) that the other run also output) and cosine over those matched tokens."""
+    (role, frame, row, col) that the other run also output), anchor agreement (the same share per (role, frame),
+    averaged over those groups: the calibration gate's definition) and cosine over the matched tokens."""
     positional = cosine_rows(ref_tokens, tokens)
     ref_keys, keys = token_keys(cfg, ref_index), token_keys(cfg, index)
     where = {key: i for i, key in enumerate(keys)}
     matched = [(i, where[key]) for i, key in enumerate(ref_keys) if key in where]
     ref_rows, rows = (np.asarray(side, dtype=np.int64) for side in zip(*matched)) if matched else ([], [])
     matched_cosine = cosine_rows(ref_tokens[ref_rows], tokens[rows]) if matched else np.asarray([np.nan])
+    # Per (role, frame): the share of the reference's cells the other run kept too, averaged with equal weight.
+    groups: dict[tuple[int, int], list[bool]] = {}
+    for key in ref_keys:
+        groups.setdefault(key[:2], []).append(key in where)
     return {"cosine_min": float(positional.min()), "cosine_mean": float(positional.mean()),
             "max_abs": float(np.abs(ref_tokens.astype(np.float64) - tokens).max()),
             "index_agreement": float((ref_index == index).all(-1).mean()),
             "cell_agreement": len(matched) / len(ref_keys),
+            "anchor_agreement": float(np.mean([np.mean(kept) for kept in groups.values()])),
             "matched_cosine_min": float(matched_cosine.min()), "matched_cosine_mean": float(matched_cosine.mean()),
             "tokens": float(len(ref_keys))}

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
 
+from runtime.bench import best_of
 from runtime.patch_features import patch_features
 from runtime.video import decode_frames
 
@@ -26,13 +26,7 @@ def video_inputs(path: Path, frames: int, hidden: int, grid: int = 27, patch: in
 
 def best_time(fn, repeats: int = 3) -> float:
     """Fastest of `repeats` runs after one warm-up, in seconds."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return best_of(fn, repeats)
 
 
 @torch.inference_mode()

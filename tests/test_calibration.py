@@ -125,6 +125,41 @@ def test_only_tower_and_projector_are_quantized(int8, exported):
     assert weights == len(quantized)
 
 
+def _scoped(node, scope):
+    node.metadata_props.add(key="pkg.torch.onnx.name_scopes", value=repr(["", scope, f"{scope}.linear"]))
+    return node
+
+
+def test_shared_weight_and_activation_stay_float_for_float_nodes(tmp_path):
+    """A weight and an activation read both by a tower MatMul (quantized) and a score MatMul (float): ORT would
+    point both readers at the dequantized copies; the score MatMul must keep the float originals."""
+    from onnx import TensorProto, helper
+
+    from calibration.data import CalibrationData
+    from calibration.quantize import (PRECISIONS, calibrate_ranges, quantize_graph, untie_shared_weights)
+
+    weight = numpy_helper.from_array(np.random.default_rng(0).normal(size=(8, 8)).astype(np.float32), "W")
+    nodes = [_scoped(helper.make_node("Relu", ["x"], ["h"], name="act"), "tower"),
+             _scoped(helper.make_node("MatMul", ["h", "W"], ["y"], name="tower_mm"), "tower"),
+             _scoped(helper.make_node("MatMul", ["h", "W"], ["z"], name="score_mm"), "scores.0")]
+    graph = helper.make_graph(nodes, "shared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, [4, 8]) for n in "yz"], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    plan = plan_quantization(model)
+    assert plan.nodes == ("tower_mm",) and plan.excluded_scopes == {"scores.0": 1}
+    assert untie_shared_weights(model, plan.nodes) == ["W"]
+    onnx.save(model, str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.onnx.data")
+    samples = [np.random.default_rng(i).normal(size=(4, 8)).astype(np.float32) for i in range(2)]
+    data = CalibrationData(samples, [], 4, 1, 0, None)
+    cache = calibrate_ranges(PRECISIONS["int8"], tmp_path / "m.onnx", tmp_path, plan, data, "x")
+    assert quantize_graph(PRECISIONS["int8"], tmp_path / "m.onnx", tmp_path / "q.onnx", plan, cache) == 1
+    quantized = onnx.load(str(tmp_path / "q.onnx"))
+    by_name = {n.name: n for n in quantized.graph.node}
+    assert list(by_name["score_mm"].input) == ["h", "W__float"]
+    producers = {o: n.op_type for n in quantized.graph.node for o in n.output}
+    assert [producers.get(i) for i in by_name["tower_mm"].input] == ["DequantizeLinear"] * 2
+
+
 def test_calibrated_export_directory(int8, exported, clips):
     out, report = int8
     source = read_manifest(exported)
@@ -167,10 +202,11 @@ def test_fidelity_is_measured(int8):
     m = report.metrics
     assert report.holdout == "holdout.mp4" and m["tokens"] == CFG.output_tokens
     # int8 of the tower measured 0.998 mean cosine on the tokens both graphs kept; a broken scale would not.
-    assert 0.99 <= m["cosine_mean"] <= 1.0 and 0.9 <= m["cosine_min"] <= m["cosine_mean"]
-    assert 0.0 < m["max_abs"] < 0.1 and 0.0 <= m["anchor_agreement"] <= 1.0 and 0.0 < m["matched"] <= 1.0
+    assert 0.99 <= m["matched_cosine_mean"] <= 1.0 and 0.9 <= m["matched_cosine_min"] <= m["matched_cosine_mean"]
+    assert 0.0 < m["matched_max_abs"] < 0.1 and m["max_abs"] > 0.0
+    assert 0.0 <= m["anchor_agreement"] <= 1.0 and 0.0 < m["cell_agreement"] <= 1.0
     assert 0.0 <= m["noise_anchor_agreement"] <= 1.0
-    assert report.checks == {"cosine_min": m["cosine_min"] >= GATES.cosine_min,
+    assert report.checks == {"matched_cosine_min": m["matched_cosine_min"] >= GATES.matched_cosine_min,
                              "anchor_agreement": m["anchor_agreement"] >= GATES.anchor_agreement}
     assert report.passed == all(report.checks.values())
     assert ("PASS" if report.passed else "FAIL") in report.table().splitlines()[-1]
@@ -195,7 +231,8 @@ def test_fidelity_metric_definitions():
     cfg = CFG
     ref = _outputs(cfg)
     same = fidelity_metrics(ref, {k: v.copy() for k, v in ref.items()}, cfg)
-    assert same["cosine_min"] == pytest.approx(1.0) and same["anchor_agreement"] == 1.0 and same["max_abs"] == 0.0
+    assert same["matched_cosine_min"] == pytest.approx(1.0) and same["cosine_min"] == pytest.approx(1.0)
+    assert same["anchor_agreement"] == 1.0 == same["cell_agreement"] and same["max_abs"] == 0.0
     groups = cfg.clips * (2 + cfg.clip_len - 1)
     assert same["anchor_groups"] == groups and len(token_roles(cfg)) == cfg.output_tokens
 
@@ -211,9 +248,9 @@ def test_fidelity_metric_definitions():
     swapped["tokens"][start] = np.random.default_rng(9).normal(size=ref["tokens"].shape[1])
     metrics = fidelity_metrics(ref, swapped, cfg)
     assert metrics["anchor_agreement"] == pytest.approx(1 - (1 / cfg.keep) / groups)
-    assert metrics["cosine_min"] == pytest.approx(1.0)              # matched by key, not by position
-    assert metrics["position_cosine_min"] < 0.9                     # positions of that frame no longer pair up
-    assert metrics["matched"] == pytest.approx(1 - 1 / cfg.output_tokens)
+    assert metrics["matched_cosine_min"] == pytest.approx(1.0)      # matched by key, not by position
+    assert metrics["cosine_min"] < 0.9                              # positions of that frame no longer pair up
+    assert metrics["cell_agreement"] == pytest.approx(1 - 1 / cfg.output_tokens)
 
 
 # ---- fp8 ----------------------------------------------------------------------------------------------------------
@@ -231,7 +268,7 @@ def test_fp8_export(exported, clips, tmp_path):
     assert "QFLOAT8E4M3FN" in manifest.extra["calibration"]["method"]
     # The opset was raised without dropping node metadata: the scopes are still readable.
     assert {top_scope(n) for n in model.graph.node if n.op_type == "TopK"} == {"reducer"}
-    assert 0.9 <= report.metrics["cosine_mean"] <= 1.0
+    assert 0.9 <= report.metrics["matched_cosine_mean"] <= 1.0
 
 
 # ---- real footage ---------------------------------------------------------------------------------------------------
@@ -244,8 +281,9 @@ def test_real_footage(exported, shared_videos, tmp_path):
     report = calibrate_export(exported, [shared_videos[0]], "int8", tmp_path / "int8", holdout=shared_videos[1],
                               clips_per_video=2, progress=False)
     assert report.holdout == shared_videos[1].name
-    assert report.metrics["cosine_mean"] >= 0.995 and report.metrics["cosine_min"] >= 0.98, report.table()
-    assert report.metrics["anchor_agreement"] >= 0.7, report.table()
+    m = report.metrics
+    assert m["matched_cosine_mean"] >= 0.995 and m["matched_cosine_min"] >= 0.98, report.table()
+    assert m["anchor_agreement"] >= 0.7, report.table()
 
 
 # ---- refusals -------------------------------------------------------------------------------------------------------

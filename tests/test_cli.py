@@ -56,3 +56,10 @@ def test_debug_shows_the_traceback(tmp_path, capsys):
 def test_format_table():
     text = format_table([("a", 1.0), ("bb", 22)], ("name", "value")).splitlines()
     assert text[0].split() == ["name", "value"] and set(text[1]) <= {"-", " "} and text[3].split() == ["bb", "22"]
+
+
+def test_calibrate_refuses_what_is_not_an_export(tmp_path, capsys):
+    code = main(["calibrate", str(tmp_path), "--videos", str(tmp_path / "v.mp4"), "--precision", "int8",
+                 "--out", str(tmp_path / "q")])
+    assert code == EXIT_BAD_INPUT and "manifest.json" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()

@@ -40,8 +40,9 @@ def rss_mib() -> float:
 
 
 def feed(frames: int):
-    """An endless camera-like feed: the shared videos' frames (64 sampled from each), one video after another."""
-    decoded = [decode_frames(video, 64) for video in shared_videos()]
+    """An endless camera-like feed at one resolution (384 × 384, as a camera gives one size): the shared videos'
+    frames, 64 sampled from each, one video after another."""
+    decoded = [decode_frames(video, 64, size=384) for video in shared_videos()]
     for footage in cycle(decoded):
         for frame in footage:
             yield frame

@@ -29,6 +29,7 @@ from .sidecar import PLAN, SIDECAR, EngineSidecar
 from .targets import Target, get_target
 
 FP16_EXPORT = "onnx"
+FP8_MIN_CAPABILITY = 8.9
 
 
 def settings_for(target: Target, precision: str, typing: str = "strong", optimization_level: int = 3,
@@ -46,11 +47,18 @@ def settings_for(target: Target, precision: str, typing: str = "strong", optimiz
     if unknown:
         raise InputError(f"target {target.name} builds for SM {', '.join(target.compute_capabilities)}, not "
                          f"{', '.join(sorted(unknown))}")
+    capabilities = tuple(compute_capabilities) or target.compute_capabilities
+    if precision == "fp8":
+        # FP8 tensor cores start at SM 8.9: an fp8 engine for several architectures covers only those.
+        too_old = [cc for cc in compute_capabilities if float(cc) < FP8_MIN_CAPABILITY]
+        if too_old:
+            raise InputError(f"fp8 needs SM {FP8_MIN_CAPABILITY} or newer, not {', '.join(too_old)}; drop those "
+                             "--compute-capability values")
+        capabilities = tuple(cc for cc in capabilities if float(cc) >= FP8_MIN_CAPABILITY)
     return BuildSettings(target=target.name, precision=precision, typing=typing,
                          optimization_level=optimization_level,
                          workspace_bytes=workspace_bytes or target.workspace_bytes, timing_cache=timing_cache,
-                         dla_core=0 if dla else None,
-                         compute_capabilities=tuple(compute_capabilities) or target.compute_capabilities)
+                         dla_core=0 if dla else None, compute_capabilities=capabilities)
 
 
 def source_precision(settings: BuildSettings) -> str:

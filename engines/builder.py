@@ -16,7 +16,7 @@ from types import ModuleType
 from typing import Any
 
 from aot_export.artifacts import atomic_file
-from aot_export.errors import InputError
+from aot_export.errors import CheckFailed, InputError
 
 from .flavours import Flavour, load_tensorrt
 
@@ -66,6 +66,10 @@ class ParsedNetwork:
 
 class ONNXParseError(RuntimeError):
     pass
+
+
+class BuildFailed(CheckFailed):
+    """TensorRT parsed the network but would not build it; the message carries TensorRT's reason."""
 
 
 def network_flags(trt: ModuleType, flavour: Flavour, typing: str) -> int:
@@ -169,7 +173,8 @@ def build_engine(parsed: ParsedNetwork, config: Any) -> BuiltEngine:
     start = time.perf_counter()
     serialized = parsed.builder.build_serialized_network(parsed.network, config)
     if serialized is None:
-        raise RuntimeError(f"{parsed.flavour.name} failed to build the network ({parsed.num_layers} layers)")
+        raise BuildFailed(f"{parsed.flavour.name} failed to build the network ({parsed.num_layers} layers); its "
+                          "error is logged above")
     return BuiltEngine(bytes(serialized), parsed.flavour.name, parsed.trt.__version__,
                        time.perf_counter() - start)
 

@@ -241,3 +241,10 @@ def test_tensorrt_builds_fp16(export_dir, tmp_path, typing):
     if typing == "weak":
         assert result.sidecar.network["fp32_constrained_layers"] > 0
     np.testing.assert_equal(read_sidecar(result.directory).precision, "fp16")
+
+
+def test_fp8_builds_only_for_sm89_and_newer():
+    assert settings_for(get_target("rtx"), "fp8").compute_capabilities == ("8.9", "12.0")
+    assert settings_for(get_target("rtx"), "fp16").compute_capabilities == ("8.0", "8.6", "8.9", "12.0")
+    with pytest.raises(InputError, match="8.9"):
+        settings_for(get_target("rtx"), "fp8", compute_capabilities=("8.6",))

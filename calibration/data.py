@@ -3,7 +3,7 @@
 A sample is one input of the static graph: `frames` [T, 3, S, S] float32. Each video gives `clips_per_video`
 samples:
 
-- one clip: the runtime's own sampling, `runtime.video.decode_frames(path, T)` (Hugging Face's uniform
+- one clip: the runtime's own sampling, `aot_export.video.decode_frames(path, T)` (Hugging Face's uniform
   `i · total // T` over the whole video), then `aot_export.preprocess.preprocess_frames`;
 - C > 1 clips: the video is cut into C equal consecutive segments (segment k = frames
   [k · total // C, (k + 1) · total // C)), and T frames are sampled uniformly inside each segment with the same
@@ -153,11 +153,11 @@ def clip_indices(total: int, frames: int, clips: int, rng: np.random.Generator |
 
 
 def _frame_count(path: Path, exact: bool = False) -> int:
-    """The stream header's frame count, as `runtime.video.decode_frames` takes it (decoded and counted when the
+    """The stream header's frame count, as `aot_export.video.decode_frames` takes it (decoded and counted when the
     header has none, or when `exact`). Call after `decode_frames` has accepted the file."""
     import av
 
-    from runtime.video import count_frames
+    from aot_export.video import count_frames
 
     if not exact:
         with av.open(str(path)) as container:
@@ -171,7 +171,7 @@ def _decode_at(path: Path, indices: set[int]) -> dict[int, np.ndarray]:
     """RGB frames at `indices`, in one decoding pass (errors mapped to the runtime's VideoError)."""
     import av
 
-    from runtime.video import VideoError
+    from aot_export.video import VideoError
 
     picked: dict[int, np.ndarray] = {}
     last = max(indices)
@@ -190,7 +190,7 @@ def _decode_at(path: Path, indices: set[int]) -> dict[int, np.ndarray]:
 def video_clips(path: Path, frames: int, clips: int, rng: np.random.Generator) -> tuple[int, list[np.ndarray],
                                                                                            list[np.ndarray]]:
     """(total frames, indices of each clip, [T, H, W, 3] uint8 RGB of each clip)."""
-    from runtime.video import decode_frames
+    from aot_export.video import decode_frames
 
     # The runtime's decoding first: it refuses a missing, unreadable, stream-less or empty file with a VideoError.
     rgb = decode_frames(path, frames)

@@ -465,7 +465,7 @@ class CalibrationReport:
 
 
 def _resolve_holdout(holdout: str | os.PathLike | None, calibration: CalibrationData) -> Path:
-    from runtime.video import shared_videos
+    from aot_export.video import shared_videos
 
     used = {source.sha256 for source in calibration.sources}
     if holdout is not None:
@@ -547,7 +547,7 @@ def calibrate_export(directory: str | os.PathLike, videos: str | os.PathLike | I
                 for path in staging.iterdir():
                     path.chmod(0o644)
             with stages.step():
-                from runtime.video import decode_frames
+                from aot_export.video import decode_frames
                 from aot_export.preprocess import preprocess_frames
 
                 pixels = preprocess_frames(decode_frames(held, manifest.aot.frames), manifest.preprocessing)

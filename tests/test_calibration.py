@@ -315,9 +315,9 @@ def test_refuses_bad_input(exported, int8, clips, tmp_path):
 
 
 def test_no_holdout_and_no_shared_video(exported, clips, tmp_path, monkeypatch):
-    import runtime.video
+    import aot_export.video
 
-    monkeypatch.setattr(runtime.video, "shared_videos", lambda: [clips[0]])
+    monkeypatch.setattr(aot_export.video, "shared_videos", lambda: [clips[0]])
     assert "holdout" in refused(tmp_path, exported, [clips[0]], "int8")
 
 

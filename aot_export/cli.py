@@ -356,7 +356,9 @@ COMMANDS: dict[str, Command] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="aot-export", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="aot-export", description="Export a video LLM's vision encoder with AOT token reduction to one static "
+                                       "ONNX graph, build TensorRT engines, and prove every step against PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in COMMANDS.items():
         child = sub.add_parser(name, help=command.help, description=command.help)

@@ -4,7 +4,26 @@ from pathlib import Path
 import pytest
 import torch
 
+from aot_export import AOTConfig
+from aot_export.adapters import load_model
+from aot_export.export import export_vision_aot
+
 sys.path.insert(0, str(Path(__file__).parent))
+
+# The built-in tiny model and its 8-frame export, built once per test session and shared by every file that needs
+# them (tests copy the export before changing anything in it).
+TINY_CFG = AOTConfig(frames=8)
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    return load_model("tiny-llava-ov")
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny, tmp_path_factory):
+    return export_vision_aot(tiny, TINY_CFG, tmp_path_factory.mktemp("tiny-export") / "tiny", progress=False).directory
+
 
 SHARED_VIDEOS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "videos"
 

@@ -11,7 +11,6 @@ import onnx
 import pytest
 
 from aot_export import AOTConfig
-from aot_export.adapters import load_model
 from aot_export.cli import EXIT_BAD_INPUT, EXIT_OK, main
 from aot_export.errors import InputError
 from aot_export.export import export_vision_aot
@@ -31,15 +30,8 @@ needs_tensorrt = pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None
 
 
 @pytest.fixture(scope="module")
-def export_dir(tmp_path_factory):
-    model = load_model("tiny-llava-ov")
-    return export_vision_aot(model, AOTConfig(frames=8), tmp_path_factory.mktemp("x") / "tiny",
-                             progress=False).directory
-
-
-@pytest.fixture(scope="module")
-def fp16_dir(export_dir, tmp_path_factory):
-    return export_fp16(export_dir, tmp_path_factory.mktemp("h") / "tiny-fp16")
+def fp16_dir(tiny_export, tmp_path_factory):
+    return export_fp16(tiny_export, tmp_path_factory.mktemp("h") / "tiny-fp16")
 
 
 # ---- targets ------------------------------------------------------------------------------------------------------
@@ -72,20 +64,20 @@ def test_targets_table():
         settings_for(get_target("rtx"), "fp16", compute_capabilities=("9.0",))
 
 
-def test_trtexec_lines(export_dir):
-    agx = trtexec_command(export_dir, settings_for(get_target("orin-agx"), "fp16", typing="weak", dla=True))
+def test_trtexec_lines(tiny_export):
+    agx = trtexec_command(tiny_export, settings_for(get_target("orin-agx"), "fp16", typing="weak", dla=True))
     assert agx.startswith("trtexec ") and "--fp16" in agx and "--precisionConstraints=obey" in agx
     assert "--useDLACore=0 --allowGPUFallback" in agx and "--memPoolSize=workspace:4096M" in agx
-    h100 = trtexec_command(export_dir, settings_for(get_target("h100"), "fp16")).splitlines()
+    h100 = trtexec_command(tiny_export, settings_for(get_target("h100"), "fp16")).splitlines()
     assert "export_fp16" in h100[0] and "--stronglyTyped" in h100[1] and "-fp16/vision_aot.onnx" in h100[1]
-    rtx = trtexec_command(export_dir, settings_for(get_target("rtx"), "fp32"))
+    rtx = trtexec_command(tiny_export, settings_for(get_target("rtx"), "fp32"))
     assert rtx.startswith("tensorrt_rtx ") and "--stronglyTyped" not in rtx
     with pytest.raises(InputError, match="calibrate"):
-        trtexec_command(export_dir, settings_for(get_target("h100"), "int8"))
+        trtexec_command(tiny_export, settings_for(get_target("h100"), "int8"))
 
 
 # ---- fp16 exports -------------------------------------------------------------------------------------------------
-def test_fp16_export_keeps_the_aot_block_fp32(export_dir, fp16_dir):
+def test_fp16_export_keeps_the_aot_block_fp32(tiny_export, fp16_dir):
     from engines.check import check_export
 
     assert check_export(fp16_dir, tensorrt=False).passed        # incl. the ONNX checker's topological order
@@ -97,7 +89,7 @@ def test_fp16_export_keeps_the_aot_block_fp32(export_dir, fp16_dir):
                                                             *inferred.graph.output]}
     dtypes.update({init.name: init.data_type for init in model.graph.initializer})
     half = onnx.TensorProto.FLOAT16
-    kept = set(fp32_nodes(onnx.load(str(export_dir / manifest.graph), load_external_data=False)))
+    kept = set(fp32_nodes(onnx.load(str(tiny_export / manifest.graph), load_external_data=False)))
     touched = [n.name for n in model.graph.node if n.name in kept
                and any(dtypes.get(t) == half for t in [*n.input, *n.output])]
     assert touched == []
@@ -105,10 +97,10 @@ def test_fp16_export_keeps_the_aot_block_fp32(export_dir, fp16_dir):
     assert {o.name: o.type.tensor_type.elem_type for o in model.graph.output}["tokens"] == onnx.TensorProto.FLOAT
 
 
-def test_fp16_export_on_onnxruntime_against_fp32(export_dir, fp16_dir, shared_videos):
+def test_fp16_export_on_onnxruntime_against_fp32(tiny_export, fp16_dir, shared_videos):
     from runtime.validate import validate_export
 
-    fp32 = validate_export(export_dir, shared_videos[0], progress=False)
+    fp32 = validate_export(tiny_export, shared_videos[0], progress=False)
     fp16 = validate_export(fp16_dir, shared_videos[0], progress=False)
     assert fp32.passed and fp16.passed, fp16.table()
     assert fp16.metrics["max_abs"] > fp32.metrics["max_abs"]      # the fp16 graph really computes in fp16
@@ -125,9 +117,9 @@ def test_network_flags_come_from_the_flavour_table():
 
 
 @needs_rtx
-def test_fp32_layers_are_the_aot_and_score_layers(export_dir):
-    parsed = parse_onnx(export_dir / "vision_aot.onnx", "tensorrt_rtx")
-    model = onnx.load(str(export_dir / "vision_aot.onnx"), load_external_data=False)
+def test_fp32_layers_are_the_aot_and_score_layers(tiny_export):
+    parsed = parse_onnx(tiny_export / "vision_aot.onnx", "tensorrt_rtx")
+    model = onnx.load(str(tiny_export / "vision_aot.onnx"), load_external_data=False)
     scope = {n.name: node_scope(n) for n in model.graph.node}
     layers = fp32_layers(parsed, set(fp32_nodes(model)))
     names = {layer.name for layer in layers}
@@ -139,11 +131,11 @@ def test_fp32_layers_are_the_aot_and_score_layers(export_dir):
 
 @needs_rtx
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_rtx_builds_and_writes_a_sidecar(export_dir, tmp_path, precision):
-    result = build_engine_dir(export_dir, settings_for(get_target("rtx"), precision), tmp_path / "e",
+def test_rtx_builds_and_writes_a_sidecar(tiny_export, tmp_path, precision):
+    result = build_engine_dir(tiny_export, settings_for(get_target("rtx"), precision), tmp_path / "e",
                               progress=False)
     sidecar = read_sidecar(result.directory)
-    manifest = read_manifest(export_dir)
+    manifest = read_manifest(tiny_export)
     assert sidecar.flavour == "tensorrt_rtx" and sidecar.precision == precision
     assert sidecar.compute_capabilities == ["8.0", "8.6", "8.9", "12.0"]
     assert sidecar.manifest["aot_hash"] == manifest.aot.hash
@@ -155,23 +147,23 @@ def test_rtx_builds_and_writes_a_sidecar(export_dir, tmp_path, precision):
 
 
 @needs_rtx
-def test_cli_build_and_refusals(export_dir, tmp_path, capsys):
+def test_cli_build_and_refusals(tiny_export, tmp_path, capsys):
     out = tmp_path / "engine"
-    assert main(["build", str(export_dir), "--target", "rtx", "--precision", "fp32", "--out", str(out),
+    assert main(["build", str(tiny_export), "--target", "rtx", "--precision", "fp32", "--out", str(out),
                  "--quiet"]) == EXIT_OK
     assert json.loads((out / SIDECAR).read_text())["target"] == "rtx"
-    assert main(["build", str(export_dir), "--target", "orin-nano", "--precision", "fp8"]) == EXIT_BAD_INPUT
-    assert main(["build", str(export_dir), "--target", "rtx", "--precision", "int8"]) == EXIT_BAD_INPUT
+    assert main(["build", str(tiny_export), "--target", "orin-nano", "--precision", "fp8"]) == EXIT_BAD_INPUT
+    assert main(["build", str(tiny_export), "--target", "rtx", "--precision", "int8"]) == EXIT_BAD_INPUT
     err = capsys.readouterr().err
     assert "cannot run fp8" in err and "calibrate" in err
 
 
 # ---- sidecar refusals -------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def engine_dir(export_dir, tmp_path_factory):
+def engine_dir(tiny_export, tmp_path_factory):
     if importlib.util.find_spec("tensorrt_rtx") is None:
         pytest.skip("tensorrt_rtx is not installed")
-    return build_engine_dir(export_dir, settings_for(get_target("rtx"), "fp32"),
+    return build_engine_dir(tiny_export, settings_for(get_target("rtx"), "fp32"),
                             tmp_path_factory.mktemp("eng") / "e", progress=False).directory
 
 
@@ -179,10 +171,10 @@ def deserialized(sidecar, plan):
     return ("engine", len(plan))
 
 
-def test_engine_loads_where_everything_matches(engine_dir, export_dir):
+def test_engine_loads_where_everything_matches(engine_dir, tiny_export):
     sidecar = read_sidecar(engine_dir)
     machine = Machine({"tensorrt_rtx": sidecar.tensorrt_version}, "8.6")
-    loaded, engine = load_engine(engine_dir, export_dir, machine, deserialize=deserialized)
+    loaded, engine = load_engine(engine_dir, tiny_export, machine, deserialize=deserialized)
     assert loaded == sidecar and engine == ("engine", (engine_dir / PLAN).stat().st_size)
 
 
@@ -200,8 +192,8 @@ def test_engine_refused_on_a_machine_it_does_not_fit(engine_dir, machine, field)
     assert refused.value.field == field and field in str(refused.value)
 
 
-def test_engine_refused_for_another_export(engine_dir, tmp_path):
-    other = export_vision_aot(load_model("tiny-llava-ov"), AOTConfig(frames=8, keep=5), tmp_path / "other",
+def test_engine_refused_for_another_export(engine_dir, tiny, tmp_path):
+    other = export_vision_aot(tiny, AOTConfig(frames=8, keep=5), tmp_path / "other",
                               progress=False).directory
     with pytest.raises(EngineMismatch, match="onnx_sha256"):
         load_engine(engine_dir, other, Machine({"tensorrt_rtx": "x"}, "8.6"), deserialize=deserialized)
@@ -227,7 +219,7 @@ def test_build_settings_round_trip():
 # ---- datacenter / Jetson TensorRT: the same code path, where installed ---------------------------------------------
 @needs_tensorrt
 @pytest.mark.parametrize("typing", ["strong", "weak"])
-def test_tensorrt_builds_fp16(export_dir, tmp_path, typing):
+def test_tensorrt_builds_fp16(tiny_export, tmp_path, typing):
     from engines.sidecar import gpu_compute_capability
 
     capability = gpu_compute_capability()
@@ -235,7 +227,7 @@ def test_tensorrt_builds_fp16(export_dir, tmp_path, typing):
                   None)
     if target is None:
         pytest.skip(f"no tensorrt target for this GPU (SM {capability})")
-    result = build_engine_dir(export_dir, settings_for(target, "fp16", typing=typing), tmp_path / "e",
+    result = build_engine_dir(tiny_export, settings_for(target, "fp16", typing=typing), tmp_path / "e",
                               progress=False)
     assert result.plan_bytes > 0
     if typing == "weak":

@@ -6,7 +6,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import torch
 from conftest import random_inputs
 
 from aot_export import AOTConfig, AOTReducer

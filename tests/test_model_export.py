@@ -13,6 +13,7 @@ import torch
 from aot_export import AOTConfig
 from aot_export.adapters import load_model
 from aot_export.adapters.llava_onevision import attention_received
+from conftest import TINY_CFG
 from aot_export.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, main
 from aot_export.export import export_vision_aot
 from aot_export.manifest import GRAPH, WEIGHTS, read_manifest
@@ -21,17 +22,7 @@ from aot_export.preprocess import Preprocessing, preprocess_frames, sample_indic
 from runtime.video import decode_frames, synthesize_clip
 
 HAS_TENSORRT = bool(importlib.util.find_spec("tensorrt_rtx") or importlib.util.find_spec("tensorrt"))
-CFG = AOTConfig(frames=8)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_model("tiny-llava-ov")
-
-
-@pytest.fixture(scope="module")
-def exported(tiny, tmp_path_factory):
-    return export_vision_aot(tiny, CFG, tmp_path_factory.mktemp("export") / "tiny", progress=False).directory
+CFG = TINY_CFG
 
 
 @pytest.fixture(scope="module")
@@ -94,10 +85,10 @@ def test_scores_match_hf_eager_attention(tiny):
 
 
 # ---- the exported graph -----------------------------------------------------------------------------------------
-def test_export_directory(exported, tiny):
-    manifest = read_manifest(exported)
-    assert sorted(p.name for p in exported.iterdir()) == sorted([GRAPH, WEIGHTS, "manifest.json"])
-    model = onnx.load(str(exported / GRAPH), load_external_data=False)
+def test_export_directory(tiny_export, tiny):
+    manifest = read_manifest(tiny_export)
+    assert sorted(p.name for p in tiny_export.iterdir()) == sorted([GRAPH, WEIGHTS, "manifest.json"])
+    model = onnx.load(str(tiny_export / GRAPH), load_external_data=False)
     assert model.opset_import[0].version == 18
     assert graph_findings(model) == []
     assert not {n.op_type for n in model.graph.node} & FORBIDDEN_OPS
@@ -110,11 +101,11 @@ def test_export_directory(exported, tiny):
     assert {"torch", "transformers", "onnx"} <= set(manifest.versions)
 
 
-def test_export_matches_pytorch_module(exported, tiny):
+def test_export_matches_pytorch_module(tiny_export, tiny):
     import onnxruntime as ort
 
     frames = tiny.example_frames(CFG.frames, seed=7)
-    session = ort.InferenceSession(str(exported / GRAPH), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(tiny_export / GRAPH), providers=["CPUExecutionProvider"])
     tokens, index = session.run(None, {"frames": frames.numpy()})
     with torch.inference_mode():
         want_tokens, want_index = tiny.vision_aot(CFG)(frames)
@@ -122,9 +113,9 @@ def test_export_matches_pytorch_module(exported, tiny):
     assert np.abs(tokens - want_tokens.numpy()).max() <= 1e-5
 
 
-def test_check_passes(exported, tmp_path, capsys):
+def test_check_passes(tiny_export, tmp_path, capsys):
     report = tmp_path / "check.json"
-    assert main(["check", str(exported), "--json", str(report)]) == EXIT_OK
+    assert main(["check", str(tiny_export), "--json", str(report)]) == EXIT_OK
     rows = {r["check"]: r["status"] for r in json.loads(report.read_text())["rows"]}
     assert rows["onnx checker"] == rows["static graph"] == rows["interface"] == "ok"
     if HAS_TENSORRT:
@@ -132,22 +123,22 @@ def test_check_passes(exported, tmp_path, capsys):
     assert "PASS" in capsys.readouterr().out
 
 
-def test_validate_passes_on_a_clip(exported, clip, tmp_path):
+def test_validate_passes_on_a_clip(tiny_export, clip, tmp_path):
     report = tmp_path / "validate.json"
-    assert main(["validate", str(exported), "--video", str(clip), "--json", str(report), "--quiet"]) == EXIT_OK
+    assert main(["validate", str(tiny_export), "--video", str(clip), "--json", str(report), "--quiet"]) == EXIT_OK
     result = json.loads(report.read_text())
     assert result["passed"] and result["metrics"]["cosine_min"] >= 0.99999
     assert result["metrics"]["index_agreement"] == 1.0
 
 
-def test_validate_on_shared_footage(exported, shared_videos):
+def test_validate_on_shared_footage(tiny_export, shared_videos):
     from runtime.validate import validate_export
 
-    report = validate_export(exported, shared_videos[0], progress=False)
+    report = validate_export(tiny_export, shared_videos[0], progress=False)
     assert report.passed, report.table()
 
 
-def test_validate_detects_a_wrong_graph(exported, clip, tmp_path, tiny):
+def test_validate_detects_a_wrong_graph(tiny_export, clip, tmp_path, tiny):
     """A graph exported from other weights, under a manifest that claims this model: validate must fail."""
     import copy
 
@@ -156,19 +147,19 @@ def test_validate_detects_a_wrong_graph(exported, clip, tmp_path, tiny):
         other.model.model.multi_modal_projector.linear_2.weight.mul_(1.5).add_(0.01)
     wrong = export_vision_aot(other, CFG, tmp_path / "wrong", progress=False).directory
     manifest = json.loads((wrong / "manifest.json").read_text())
-    manifest["model"] = json.loads((exported / "manifest.json").read_text())["model"]
+    manifest["model"] = json.loads((tiny_export / "manifest.json").read_text())["model"]
     (wrong / "manifest.json").write_text(json.dumps(manifest))
     assert main(["validate", str(wrong), "--video", str(clip), "--quiet"]) == EXIT_FAILED
 
 
-def test_check_flags_a_dynamic_interface(exported, tmp_path):
+def test_check_flags_a_dynamic_interface(tiny_export, tmp_path):
     """A graph whose frames dim is made dynamic is a finding (exit 1), not bad input."""
     import shutil
 
     from aot_export.artifacts import sha256_file
 
     copy_dir = tmp_path / "dynamic"
-    shutil.copytree(exported, copy_dir)
+    shutil.copytree(tiny_export, copy_dir)
     model = onnx.load(str(copy_dir / GRAPH), load_external_data=False)
     model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "T"
     onnx.save(model, str(copy_dir / GRAPH))
@@ -198,7 +189,7 @@ def audio_only(path):
 
 
 @pytest.mark.parametrize("kind", ["missing", "empty", "corrupt", "audio-only"])
-def test_bad_videos(exported, tmp_path, capsys, kind):
+def test_bad_videos(tiny_export, tmp_path, capsys, kind):
     path = tmp_path / ("audio.m4a" if kind == "audio-only" else "video.mp4")
     if kind == "empty":
         path.write_bytes(b"")
@@ -206,7 +197,7 @@ def test_bad_videos(exported, tmp_path, capsys, kind):
         path.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8)
     elif kind == "audio-only":
         audio_only(path)
-    err = bad_input(capsys, ["validate", str(exported), "--video", str(path)])
+    err = bad_input(capsys, ["validate", str(tiny_export), "--video", str(path)])
     assert str(path) in err
 
 
@@ -236,11 +227,11 @@ def test_invalid_budget_names_the_field(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("target", [GRAPH, WEIGHTS])
-def test_manifest_hash_mismatch(exported, tmp_path, capsys, target):
+def test_manifest_hash_mismatch(tiny_export, tmp_path, capsys, target):
     import shutil
 
     tampered = tmp_path / "tampered"
-    shutil.copytree(exported, tampered)
+    shutil.copytree(tiny_export, tampered)
     with open(tampered / target, "r+b") as handle:
         handle.seek(100)
         byte = handle.read(1)
@@ -256,7 +247,7 @@ def test_not_an_export_dir(tmp_path, capsys):
     assert "manifest.json" in err
 
 
-def test_interrupted_export_keeps_the_old_one(exported, tmp_path, tiny, monkeypatch):
+def test_interrupted_export_keeps_the_old_one(tiny_export, tmp_path, tiny, monkeypatch):
     """Interrupted after the graph is written (Ctrl-C during the check): the previous export stays as it was and
     no staging directory is left behind."""
     import shutil
@@ -264,7 +255,7 @@ def test_interrupted_export_keeps_the_old_one(exported, tmp_path, tiny, monkeypa
     import aot_export.export
 
     target = tmp_path / "keep"
-    shutil.copytree(exported, target)
+    shutil.copytree(tiny_export, target)
     before = sorted((p.name, p.stat().st_size) for p in target.iterdir())
 
     def interrupted(path):

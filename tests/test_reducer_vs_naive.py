@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 from conftest import random_inputs
 from naive_aot import naive_aot
 

@@ -7,11 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from aot_export import AOTConfig
-from aot_export.adapters import load_model
 from aot_export.cli import EXIT_BAD_INPUT, EXIT_OK, main
 from aot_export.errors import InputError
-from aot_export.export import export_vision_aot
+from conftest import TINY_CFG
 from runtime.chain import kl_divergence, validate_chain
 from runtime.llm import LLM_MANIFEST, OnnxDecoder, TransformersDecoder, build_onnx_decoder
 from runtime.pipeline import Pipeline
@@ -19,17 +17,7 @@ from runtime.prompt import assemble
 from runtime.video import rolling_clips, synthesize_clip
 
 PROMPT = "What is happening in this video?"
-CFG = AOTConfig(frames=8)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_model("tiny-llava-ov")
-
-
-@pytest.fixture(scope="module")
-def export_dir(tiny, tmp_path_factory):
-    return export_vision_aot(tiny, CFG, tmp_path_factory.mktemp("x") / "tiny", progress=False).directory
+CFG = TINY_CFG
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +94,8 @@ def test_onnx_llm_from_another_model_is_refused(tiny, onnx_llm, tmp_path):
 
 
 @pytest.mark.parametrize("reduce", [True, False])
-def test_pipeline_with_and_without_aot(export_dir, tiny, clip, reduce):
-    pipeline = Pipeline(str(export_dir), llm="transformers", reduce=reduce, adapter=tiny)
+def test_pipeline_with_and_without_aot(tiny_export, tiny, clip, reduce):
+    pipeline = Pipeline(str(tiny_export), llm="transformers", reduce=reduce, adapter=tiny)
     report = pipeline.answer(clip, PROMPT, max_new_tokens=4)
     expected = (CFG.output_tokens if reduce else CFG.frames * CFG.cells_per_frame) + 1
     assert report.visual_tokens == expected
@@ -115,9 +103,9 @@ def test_pipeline_with_and_without_aot(export_dir, tiny, clip, reduce):
     assert report.vision_backend.startswith("onnxruntime") == reduce
 
 
-def test_torch_backend_equals_onnxruntime(export_dir, tiny, clip):
-    ort_run = Pipeline(str(export_dir), llm="transformers", adapter=tiny)
-    torch_run = Pipeline(str(export_dir), backend="torch", llm="transformers", adapter=tiny)
+def test_torch_backend_equals_onnxruntime(tiny_export, tiny, clip):
+    ort_run = Pipeline(str(tiny_export), llm="transformers", adapter=tiny)
+    torch_run = Pipeline(str(tiny_export), backend="torch", llm="transformers", adapter=tiny)
     from aot_export.preprocess import preprocess_frames
     from runtime.video import decode_frames
 
@@ -129,10 +117,10 @@ def test_torch_backend_equals_onnxruntime(export_dir, tiny, clip):
     assert cosine_rows(ort_run.visual_tokens(pixels).numpy(), torch_run.visual_tokens(pixels).numpy()).min() > 0.9999
 
 
-def test_chain_validation_fp32_and_int4(export_dir, tiny, clip, onnx_llm):
-    fp32 = validate_chain(export_dir, clip, "transformers", tokens=6, model=tiny, progress=False)
+def test_chain_validation_fp32_and_int4(tiny_export, tiny, clip, onnx_llm):
+    fp32 = validate_chain(tiny_export, clip, "transformers", tokens=6, model=tiny, progress=False)
     assert fp32.passed and fp32.metrics["first_token_kl"] < 1e-9 and fp32.metrics["teacher_forced_top1"] == 1.0
-    int4 = validate_chain(export_dir, clip, str(onnx_llm), tokens=6, model=tiny, progress=False)
+    int4 = validate_chain(tiny_export, clip, str(onnx_llm), tokens=6, model=tiny, progress=False)
     assert int4.precision == "int4" and 0 < int4.metrics["first_token_kl"] < 0.1, int4.table()
 
 
@@ -146,17 +134,17 @@ def test_rolling_clips():
         list(rolling_clips(iter([]), frames=8, window=4, stride=1))
 
 
-def test_cli_run_and_bad_input(export_dir, clip, tmp_path, capsys):
+def test_cli_run_and_bad_input(tiny_export, clip, tmp_path, capsys):
     report = tmp_path / "run.json"
-    assert main(["run", "--model", str(export_dir), "--video", str(clip), "--prompt", PROMPT, "--llm",
+    assert main(["run", "--model", str(tiny_export), "--video", str(clip), "--prompt", PROMPT, "--llm",
                  "transformers", "--max-new-tokens", "3", "--json", str(report)]) == EXIT_OK
     assert json.loads(report.read_text())["visual_tokens"] == CFG.output_tokens + 1
-    assert main(["run", "--model", str(export_dir), "--video", str(clip), "--prompt", " "]) == EXIT_BAD_INPUT
-    assert main(["run", "--model", str(export_dir), "--video", str(tmp_path / "none.mp4"), "--prompt", PROMPT,
+    assert main(["run", "--model", str(tiny_export), "--video", str(clip), "--prompt", " "]) == EXIT_BAD_INPUT
+    assert main(["run", "--model", str(tiny_export), "--video", str(tmp_path / "none.mp4"), "--prompt", PROMPT,
                  "--llm", "transformers"]) == EXIT_BAD_INPUT
-    assert main(["run", "--model", str(export_dir), "--video", str(clip), "--prompt", PROMPT,
+    assert main(["run", "--model", str(tiny_export), "--video", str(clip), "--prompt", PROMPT,
                  "--backend", "tensorrt"]) == EXIT_BAD_INPUT
-    assert main(["run", "--model", str(export_dir), "--video", str(clip), "--prompt", PROMPT,
+    assert main(["run", "--model", str(tiny_export), "--video", str(clip), "--prompt", PROMPT,
                  "--llm", str(tmp_path)]) == EXIT_BAD_INPUT
     err = capsys.readouterr().err
     assert "prompt is empty" in err and "no such video" in err and "engine directory" in err and "llm.json" in err

@@ -7,7 +7,6 @@ import torch
 from PIL import Image
 
 from aot_export import AOTConfig, AOTReducer
-from aot_export.adapters import load_model
 from aot_export.errors import InputError
 from aot_export.preprocess import preprocess_frames
 from runtime import visualize as viz
@@ -17,8 +16,8 @@ CFG = AOTConfig(frames=8, clip_len=4)
 
 
 @pytest.fixture(scope="module")
-def adapter():
-    return load_model("tiny-llava-ov")
+def adapter(tiny):
+    return tiny
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,9 @@ import numpy as np
 from .config import AOTConfig
 
 
+ROLE_NAMES = ("keyframe", "distinct", "anchor")        # output_roles values 0, 1, 2
+
+
 def output_roles(cfg: AOTConfig) -> np.ndarray:
     """[cfg.output_tokens] role of every output position: 0 keyframe cell, 1 distinct token, 2 updated anchor."""
     if not cfg.inter_frame:
@@ -35,21 +38,29 @@ def compare_tokens(cfg: AOTConfig, ref_tokens: np.ndarray, ref_index: np.ndarray
                    index: np.ndarray) -> dict[str, float]:
     """Position-wise cosine and max abs error, exact index agreement; cell agreement (the share of reference
     (role, frame, row, col) that the other run also output), anchor agreement (the same share per (role, frame),
-    averaged over those groups: the calibration gate's definition) and cosine over the matched tokens."""
+    averaged over those groups with equal weight, and per role) and cosine / abs error over the matched tokens."""
     positional = cosine_rows(ref_tokens, tokens)
     ref_keys, keys = token_keys(cfg, ref_index), token_keys(cfg, index)
     where = {key: i for i, key in enumerate(keys)}
     matched = [(i, where[key]) for i, key in enumerate(ref_keys) if key in where]
-    ref_rows, rows = (np.asarray(side, dtype=np.int64) for side in zip(*matched)) if matched else ([], [])
-    matched_cosine = cosine_rows(ref_tokens[ref_rows], tokens[rows]) if matched else np.asarray([np.nan])
-    # Per (role, frame): the share of the reference's cells the other run kept too, averaged with equal weight.
+    if matched:
+        ref_rows, rows = (np.asarray(side, dtype=np.int64) for side in zip(*matched))
+        matched_cosine = cosine_rows(ref_tokens[ref_rows], tokens[rows])
+        matched_abs = np.abs(ref_tokens[ref_rows].astype(np.float64) - tokens[rows])
+    else:
+        matched_cosine, matched_abs = np.asarray([np.nan]), np.asarray([np.inf])
+    # Set-based per (role, frame): one swapped cell costs 1/|set| of its group only, whatever it does to positions.
     groups: dict[tuple[int, int], list[bool]] = {}
     for key in ref_keys:
         groups.setdefault(key[:2], []).append(key in where)
+    overlap = {group: float(np.mean(kept)) for group, kept in groups.items()}
+    by_role = {f"anchor_agreement_{ROLE_NAMES[role]}": float(np.mean([v for (r, _), v in overlap.items() if r == role]))
+               for role in sorted({r for r, _ in overlap})}
     return {"cosine_min": float(positional.min()), "cosine_mean": float(positional.mean()),
             "max_abs": float(np.abs(ref_tokens.astype(np.float64) - tokens).max()),
             "index_agreement": float((ref_index == index).all(-1).mean()),
             "cell_agreement": len(matched) / len(ref_keys),
-            "anchor_agreement": float(np.mean([np.mean(kept) for kept in groups.values()])),
+            "anchor_agreement": float(np.mean(list(overlap.values()))), "anchor_groups": len(overlap), **by_role,
             "matched_cosine_min": float(matched_cosine.min()), "matched_cosine_mean": float(matched_cosine.mean()),
+            "matched_max_abs": float(matched_abs.max()), "matched_mean_abs": float(matched_abs.mean()),
             "tokens": float(len(ref_keys))}

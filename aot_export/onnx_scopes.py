@@ -9,14 +9,22 @@ import onnx
 NAME_SCOPES = "pkg.torch.onnx.name_scopes"
 
 
-def node_scope(node: onnx.NodeProto) -> str:
-    """The top-level submodule of `node` ('tower', 'projector', 'scores', 'reducer'; '' for the module itself),
-    with ModuleList indices dropped ('scores.0' → 'scores')."""
+def submodule(node: onnx.NodeProto) -> str | None:
+    """The top-level submodule `node` was traced in, as named ('tower', 'projector', 'scores.0', 'reducer');
+    None for a node of the module itself or one without the metadata (e.g. inserted by a tool)."""
     for prop in node.metadata_props:
         if prop.key == NAME_SCOPES:
-            scopes = ast.literal_eval(prop.value)
-            return scopes[1].split(".")[0] if len(scopes) > 2 else ""
-    return ""
+            try:
+                scopes = ast.literal_eval(prop.value)
+            except (ValueError, SyntaxError):
+                return None
+            return str(scopes[1]) if isinstance(scopes, (list, tuple)) and len(scopes) > 2 else None
+    return None
+
+
+def node_scope(node: onnx.NodeProto) -> str:
+    """`submodule` with ModuleList indices dropped ('scores.0' → 'scores'); '' where there is none."""
+    return (submodule(node) or "").split(".")[0]
 
 
 def nodes_in_scopes(model: onnx.ModelProto, scopes: tuple[str, ...]) -> list[str]:

@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from . import fidelity
 from .config import AOTConfig
-from .reducer import (cosine, grid_positions, inter_frame_cost, intra_frame_transport, mask_indices,
+from .reducer import (grid_positions, inter_frame_cost, intra_frame_transport, mask_indices,
                       merge_into_anchors, pooling_matrix, select_anchors, window_table)
 
 SINKHORN_TOL = 1e-2
 SINKHORN_MAX_ITERS = 100
-ROLE_NAMES = ("keyframe", "distinct", "anchor")          # ReferenceOutput.role / output_roles values 0, 1, 2
 
 
 def early_stopping_sinkhorn(cost: Tensor, mu: Tensor, nu: Tensor, eps: float, tol: float = SINKHORN_TOL,
@@ -130,10 +130,7 @@ def reference_aot(cfg: AOTConfig, features: Tensor, score_shallow: Tensor, score
 
 def output_roles(cfg: AOTConfig) -> Tensor:
     """[cfg.output_tokens] role of every token `AOTReducer` emits: 0 keyframe, 1 kept distinct, 2 updated anchor."""
-    if not cfg.inter_frame:
-        return torch.zeros(cfg.output_tokens, dtype=torch.long)
-    clip = [0] * cfg.pooled_anchors + [1] * ((cfg.clip_len - 1) * cfg.keep) + [2] * cfg.pooled_anchors
-    return torch.tensor(clip * cfg.clips)
+    return torch.from_numpy(fidelity.output_roles(cfg))
 
 
 def agreement(cfg: AOTConfig, tokens: Tensor, index: Tensor, anchor_mask: Tensor, cells: Tensor,
@@ -157,7 +154,8 @@ def agreement(cfg: AOTConfig, tokens: Tensor, index: Tensor, anchor_mask: Tensor
         tokens[[static_keys[k] for k in matched]].double(), ref.tokens[[ref_keys[k] for k in matched]], dim=-1)
     matched_roles = torch.tensor([k[0] for k in matched], dtype=torch.long)
     by_role = {f"matched_cosine_min_{name}": float(cos[matched_roles == role].min())
-               if (matched_roles == role).any() else float("nan") for role, name in enumerate(ROLE_NAMES)}
+               if (matched_roles == role).any() else float("nan")
+               for role, name in enumerate(fidelity.ROLE_NAMES)}
     differs = [set(static.tolist()) != set(reference.tolist()) for static, reference in zip(cells, ref.retained)]
     anchors_static, anchors_ref = anchor_mask.bool(), ref.anchor_mask.bool()
     return {

@@ -27,7 +27,6 @@ held-out video; see `fidelity_metrics` for the exact metric definitions and `GAT
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import dataclasses
 import io
@@ -40,16 +39,18 @@ from typing import Any, Iterable
 import numpy as np
 import onnx
 
+from aot_export.adapters.base import ENCODER_SCOPES
 from aot_export.artifacts import atomic_dir, sha256_file
 from aot_export.config import AOTConfig
 from aot_export.errors import InputError
+from aot_export.fidelity import compare_tokens
 from aot_export.manifest import GRAPH, MANIFEST, Manifest, hash_files, read_manifest
+from aot_export.onnx_scopes import NAME_SCOPES, submodule
 from aot_export.progress import Stages
 
 from .data import CalibrationData, expand_videos, manifest_calibration_data
 
-SCOPE_KEY = "pkg.torch.onnx.name_scopes"
-QUANTIZED_SCOPES = ("tower", "projector")
+QUANTIZED_SCOPES = ENCODER_SCOPES
 OP_TYPES = ("Conv", "MatMul", "Gemm")
 STAGES = ["read export", "calibration data", "prepare graph", "calibrate", "quantize", "fidelity", "manifest"]
 
@@ -81,20 +82,6 @@ GATES = Gates()
 
 
 # ---- which nodes ------------------------------------------------------------------------------------------------
-def top_scope(node: onnx.NodeProto) -> str | None:
-    """The top-level submodule a node was traced in ('tower', 'projector', 'scores.0', 'reducer', ...), from the
-    dynamo exporter's `pkg.torch.onnx.name_scopes` metadata (a Python list string like "['', 'tower', ...]");
-    None when the node has no such metadata (e.g. a node inserted by a tool)."""
-    for prop in node.metadata_props:
-        if prop.key == SCOPE_KEY:
-            try:
-                scopes = ast.literal_eval(prop.value)
-            except (ValueError, SyntaxError):
-                return None
-            return str(scopes[1]) if isinstance(scopes, (list, tuple)) and len(scopes) > 1 else None
-    return None
-
-
 @dataclass(frozen=True)
 class QuantPlan:
     nodes: tuple[str, ...]                    # node names handed to quantize_static
@@ -114,7 +101,7 @@ def plan_quantization(model: onnx.ModelProto, weights_only: bool = True) -> Quan
     for node in graph.node:
         if node.op_type not in OP_TYPES:
             continue
-        scope = top_scope(node)
+        scope = submodule(node)
         if scope is None:
             unscoped += 1
             continue
@@ -131,7 +118,7 @@ def plan_quantization(model: onnx.ModelProto, weights_only: bool = True) -> Quan
         activations.extend(name for name in node.input[:2] if name and name not in constants)
     if not nodes:
         raise InputError("the graph has no Conv/MatMul/Gemm node with name-scope metadata "
-                         f"({SCOPE_KEY}) in {'/'.join(QUANTIZED_SCOPES)}"
+                         f"({NAME_SCOPES}) in {'/'.join(QUANTIZED_SCOPES)}"
                          f"{f' ({unscoped} without metadata)' if unscoped else ''}; re-export with "
                          "`aot-export export` (dynamo exporter), which records it")
     return QuantPlan(tuple(nodes), tuple(dict.fromkeys(activations)), excluded, float_in_scope)
@@ -200,7 +187,7 @@ def restore_float_inputs(model: onnx.ModelProto, quantized: Iterable[str]) -> in
                 node.input[i] = original[name]
                 rewired += 1
             elif name in producer and producer[name].op_type == "DequantizeLinear":
-                raise RuntimeError(f"float node {node.name} ({top_scope(node)}) reads the quantized weight {name}")
+                raise RuntimeError(f"float node {node.name} ({submodule(node)}) reads the quantized weight {name}")
     return rewired
 
 
@@ -300,80 +287,20 @@ def _quiet_root_warnings():
 
 
 # ---- fidelity ---------------------------------------------------------------------------------------------------
-def token_roles(cfg: AOTConfig) -> np.ndarray:
-    """The role of every output position (AOT_SPEC: per clip, the keyframe's A tokens, the K kept tokens of each
-    later frame, then the A updated anchors; a config without inter-frame stage outputs A retained cells/frame)."""
-    if not cfg.inter_frame:
-        return np.array(["retained"] * cfg.output_tokens)
-    per_clip = (["keyframe"] * cfg.pooled_anchors + ["kept"] * ((cfg.clip_len - 1) * cfg.keep)
-                + ["anchor"] * cfg.pooled_anchors)
-    return np.array(per_clip * cfg.clips)
-
-
-def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    return (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-30)
-
-
 def fidelity_metrics(reference: dict[str, np.ndarray], actual: dict[str, np.ndarray], cfg: AOTConfig) -> dict:
-    """Quantized outputs (`actual`) against the fp32 export's (`reference`) on the same frames.
-
-    Every output position has a role (`token_roles`: keyframe / kept / anchor, or retained) and an index row
-    (frame, row, col). A token's key is (role, frame, row, col); within one output every key is unique.
-
-    - matched_cosine_min / matched_cosine_mean / matched_max_abs / matched_mean_abs: over the tokens whose key is
-      in both outputs, each compared with the token of the same key (so a swapped cell that shifts the raster
-      order of later tokens does not pair unrelated cells); `cell_agreement` is the fraction of fp32 keys also
-      present in the quantized output (the names follow `aot-export validate`).
-    - cosine_min / cosine_mean / max_abs: the plain comparison position by position.
-    - index_agreement: fraction of positions whose (frame, row, col) is identical.
-    - anchor_agreement: for every (role, frame) group of the fp32 output — the set of (row, col) cells that role
-      keeps for that frame (an updated anchor counts under its keyframe's number) — |fp32 ∩ quantized| / |fp32|,
-      averaged over groups with equal weight. Set-based: one cell swapped in a frame costs 1/|set| of that group
-      only, whatever it does to positions.
-    """
+    """Quantized outputs (`actual`) against the fp32 export's (`reference`) on the same frames: the figures of
+    `aot_export.fidelity.compare_tokens` (tokens matched by (role, frame, row, col), so a swapped cell that
+    shifts the raster order of later tokens does not pair unrelated cells; anchor agreement set-based per
+    (role, frame) group), refused when the two outputs do not belong to the same graph."""
     tokens_ref, tokens_act = reference["tokens"], actual["tokens"]
     index_ref, index_act = reference["index"].astype(np.int64), actual["index"].astype(np.int64)
     if tokens_ref.shape != tokens_act.shape or index_ref.shape != index_act.shape:
         raise InputError(f"quantized outputs {tokens_act.shape}/{index_act.shape} differ from fp32 "
                          f"{tokens_ref.shape}/{index_ref.shape}; the graphs do not belong together")
-    roles = token_roles(cfg)
-    if len(roles) != len(index_ref):
-        raise InputError(f"the export has {len(index_ref)} output tokens, its config says {len(roles)}; re-export")
-
-    def keyed(index: np.ndarray) -> dict[tuple, int]:
-        keys: dict[tuple, int] = {}
-        for position, (role, row) in enumerate(zip(roles.tolist(), index.tolist())):
-            keys.setdefault((role, *row), position)
-        return keys
-
-    keys_ref, keys_act = keyed(index_ref), keyed(index_act)
-    common = [key for key in keys_ref if key in keys_act]
-    pos_ref = np.array([keys_ref[k] for k in common], dtype=np.int64)
-    pos_act = np.array([keys_act[k] for k in common], dtype=np.int64)
-    matched_cos = _cosine(tokens_ref[pos_ref], tokens_act[pos_act]) if common else np.zeros(1)
-    matched_abs = (np.abs(tokens_ref[pos_ref].astype(np.float64) - tokens_act[pos_act]) if common
-                   else np.full(1, np.inf))
-    position_cos = _cosine(tokens_ref, tokens_act)
-
-    groups_ref: dict[tuple, set] = {}
-    groups_act: dict[tuple, set] = {}
-    for groups, index in ((groups_ref, index_ref), (groups_act, index_act)):
-        for role, (frame, row, col) in zip(roles.tolist(), index.tolist()):
-            groups.setdefault((role, frame), set()).add((row, col))
-    overlap = {group: len(cells & groups_act.get(group, set())) / len(cells) for group, cells in groups_ref.items()}
-    overlaps = list(overlap.values())
-    by_role = {role: float(np.mean([v for (r, _), v in overlap.items() if r == role]))
-               for role in dict.fromkeys(roles.tolist())}
-    return {"matched_cosine_min": float(matched_cos.min()), "matched_cosine_mean": float(matched_cos.mean()),
-            "matched_max_abs": float(matched_abs.max()), "matched_mean_abs": float(matched_abs.mean()),
-            "cell_agreement": len(common) / max(1, len(keys_ref)),
-            "cosine_min": float(position_cos.min()), "cosine_mean": float(position_cos.mean()),
-            "max_abs": float(np.abs(tokens_ref.astype(np.float64) - tokens_act).max()),
-            "index_agreement": float((index_ref == index_act).all(-1).mean()),
-            "anchor_agreement": float(np.mean(overlaps)), "anchor_groups": len(overlaps),
-            **{f"anchor_agreement_{role}": value for role, value in by_role.items()},
-            "tokens": int(len(index_ref))}
+    if cfg.output_tokens != len(index_ref):
+        raise InputError(f"the export has {len(index_ref)} output tokens, its config says {cfg.output_tokens}; "
+                         "re-export")
+    return compare_tokens(cfg, tokens_ref, index_ref, tokens_act, index_act)
 
 
 NOISE_STEP_FRACTION = 0.25

@@ -18,12 +18,10 @@ import numpy as np
 import torch
 
 from aot_export.manifest import read_manifest
-from aot_export.preprocess import preprocess_frames
 
 from .llm import TransformersDecoder, load_llm
 from .prompt import assemble
-from .validate import ValidationReport, onnxruntime_providers, reference_model, run_onnxruntime, validate_export
-from .video import decode_frames
+from .validate import ValidationReport, reference_model, validate_export
 
 DEFAULT_PROMPT = "What is happening in this video?"
 
@@ -110,15 +108,12 @@ def validate_chain(directory: str | os.PathLike, video: str | os.PathLike, llm: 
     manifest = read_manifest(directory)
     adapter = reference_model(manifest, model)
     vision = validate_export(directory, video, model=adapter, device=device, progress=progress)
-    pixels = preprocess_frames(decode_frames(video, manifest.aot.frames), manifest.preprocessing)
-    deployed_tokens = run_onnxruntime(directory / manifest.graph, {manifest.inputs[0].name: pixels},
-                                      onnxruntime_providers(device))["tokens"]
-    reference_tokens, _ = adapter.reference(manifest.aot, torch.from_numpy(pixels))
+    reference_tokens, deployed_tokens = (torch.from_numpy(np.asarray(vision.outputs[side]["tokens"]))
+                                         for side in ("reference", "export"))
 
-    eos = adapter.tokenizer.eos_token_id
     reference = TransformersDecoder(adapter).generate(assemble(adapter, prompt, reference_tokens).embeds, tokens)
     backend = load_llm(llm, adapter)
-    deployed_inputs = assemble(adapter, prompt, torch.from_numpy(np.asarray(deployed_tokens)))
+    deployed_inputs = assemble(adapter, prompt, deployed_tokens)
     forced = backend.generate(deployed_inputs.embeds, len(reference.tokens), forced=reference.tokens)
     free = backend.generate(deployed_inputs.embeds, len(reference.tokens))
     agree = [int(np.argmax(d)) == t for d, t in zip(forced.step_logits, reference.tokens)]

@@ -22,6 +22,7 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,12 @@ class Generation:
     @property
     def decode_tokens_per_s(self) -> float:
         return (len(self.tokens) - 1) / self.decode_s if len(self.tokens) > 1 and self.decode_s > 0 else float("nan")
+
+
+@torch.inference_mode()
+def embed_token(adapter, token: int) -> Tensor:
+    """[1, 1, H]: one generated token through the LLM's own embedding table (every backend feeds embeddings)."""
+    return adapter.embed_tokens(torch.tensor([[token]])).float()
 
 
 def greedy(step, embed, first_logits: np.ndarray, max_new_tokens: int, eos: int | None,
@@ -100,11 +107,8 @@ class TransformersDecoder:
             return self.lm_head(out.last_hidden_state[:, -1]).float()[0].numpy()
 
         start = time.perf_counter()
-        tokens, logits = greedy(step, self._embed, first, max_new_tokens, eos, forced)
+        tokens, logits = greedy(step, partial(embed_token, self.adapter), first, max_new_tokens, eos, forced)
         return Generation(tokens, logits, prefill, time.perf_counter() - start, embeds.shape[1])
-
-    def _embed(self, token: int) -> Tensor:
-        return self.adapter.embed_tokens(torch.tensor([[token]])).float()
 
 
 @dataclass
@@ -156,12 +160,8 @@ class OnnxDecoder:
             return logits
 
         start = time.perf_counter()
-        tokens, logits = greedy(step, self._embed, first, max_new_tokens, eos, forced)
+        tokens, logits = greedy(step, partial(embed_token, self.adapter), first, max_new_tokens, eos, forced)
         return Generation(tokens, logits, prefill, time.perf_counter() - start, embeds.shape[1])
-
-    @torch.inference_mode()
-    def _embed(self, token: int) -> Tensor:
-        return self.adapter.embed_tokens(torch.tensor([[token]])).float()
 
 
 def read_llm_manifest(directory: Path) -> dict:

@@ -54,6 +54,8 @@ class ValidationReport:
     gates: Gates
     metrics: dict[str, float] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    # Both runs' outputs, for whoever continues from them (the LLM chain); not part of the report.
+    outputs: dict[str, dict[str, np.ndarray]] = field(default_factory=dict, repr=False)
 
     @property
     def checks(self) -> dict[str, bool]:
@@ -162,4 +164,5 @@ def validate_export(directory: str | os.PathLike, video: str | os.PathLike, mode
         metrics = compare_outputs(manifest.aot, reference, actual, gates)
     stages.close()
     return ValidationReport(str(directory), Path(video).name, providers[0].replace("ExecutionProvider", ""),
-                            manifest.precision, gates, metrics, stages.seconds)
+                            manifest.precision, gates, metrics, stages.seconds,
+                            {"reference": reference, "export": actual})

@@ -10,26 +10,20 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from aot_export import AOTConfig
-from aot_export.adapters import load_model
+from conftest import TINY_CFG
 from aot_export.artifacts import sha256_file
 from aot_export.errors import InputError
-from aot_export.export import export_vision_aot
 from aot_export.manifest import GRAPH, WEIGHTS, read_manifest
 from aot_export.preprocess import preprocess_frames, sample_indices
 from calibration import calibrate_export, calibration_data, expand_videos, fidelity_metrics
 from calibration.data import clip_indices
-from calibration.quantize import GATES, QUANTIZED_SCOPES, plan_quantization, token_roles, top_scope
+from aot_export.fidelity import output_roles
+from aot_export.onnx_scopes import submodule
+from calibration.quantize import GATES, QUANTIZED_SCOPES, plan_quantization
 from runtime.video import decode_frames, synthesize_clip
 
 HAS_TENSORRT = bool(importlib.util.find_spec("tensorrt_rtx") or importlib.util.find_spec("tensorrt"))
-CFG = AOTConfig(frames=8)
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    return export_vision_aot(load_model("tiny-llava-ov"), CFG, tmp_path_factory.mktemp("export") / "tiny",
-                             progress=False).directory
+CFG = TINY_CFG
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +34,9 @@ def clips(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def int8(exported, clips, tmp_path_factory):
+def int8(tiny_export, clips, tmp_path_factory):
     out = tmp_path_factory.mktemp("int8") / "tiny-int8"
-    report = calibrate_export(exported, [clips[0]], "int8", out, holdout=clips[1], clips_per_video=2, seed=3,
+    report = calibrate_export(tiny_export, [clips[0]], "int8", out, holdout=clips[1], clips_per_video=2, seed=3,
                               progress=False)
     return out, report
 
@@ -70,8 +64,8 @@ def test_clip_sampling_is_deterministic_and_in_range():
     assert [len(c) for c in clip_indices(3, 8, 5)] == [8, 8, 8]          # never more clips than frames
 
 
-def test_calibration_samples_match_the_runtime(exported, clips):
-    manifest = read_manifest(exported)
+def test_calibration_samples_match_the_runtime(tiny_export, clips):
+    manifest = read_manifest(tiny_export)
     data = calibration_data([clips[0]], CFG.frames, manifest.preprocessing, clips_per_video=1)
     want = preprocess_frames(decode_frames(clips[0], CFG.frames), manifest.preprocessing)
     np.testing.assert_array_equal(data.samples[0], want)
@@ -89,10 +83,10 @@ def test_calibration_samples_match_the_runtime(exported, clips):
 
 
 # ---- the Q/DQ graph ---------------------------------------------------------------------------------------------
-def test_only_tower_and_projector_are_quantized(int8, exported):
+def test_only_tower_and_projector_are_quantized(int8, tiny_export):
     out, report = int8
     model = onnx.load(str(out / GRAPH))
-    source = onnx.load(str(exported / GRAPH), load_external_data=False)
+    source = onnx.load(str(tiny_export / GRAPH), load_external_data=False)
     users, inits = consumers(model), {i.name: i for i in model.graph.initializer}
     dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
     q = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
@@ -100,13 +94,13 @@ def test_only_tower_and_projector_are_quantized(int8, exported):
     # Every dequantized tensor feeds only Conv/MatMul/Gemm nodes of the tower and the projector.
     for node in dq:
         readers = users[node.output[0]]
-        assert readers and all(top_scope(r) in QUANTIZED_SCOPES and r.op_type in ("Conv", "MatMul", "Gemm")
-                               for r in readers), [(r.op_type, top_scope(r)) for r in readers]
+        assert readers and all(submodule(r) in QUANTIZED_SCOPES and r.op_type in ("Conv", "MatMul", "Gemm")
+                               for r in readers), [(r.op_type, submodule(r)) for r in readers]
     # The reducer and the score layers compute exactly as before: same nodes, same (float) inputs.
     for scope in ("reducer", "scores.0", "scores.1"):
-        before = sorted((n.name, n.op_type, list(n.input)) for n in source.graph.node if top_scope(n) == scope)
+        before = sorted((n.name, n.op_type, list(n.input)) for n in source.graph.node if submodule(n) == scope)
         after = sorted((n.name, n.op_type, [name.removesuffix("__float") for name in n.input])
-                       for n in model.graph.node if top_scope(n) == scope)
+                       for n in model.graph.node if submodule(n) == scope)
         assert before and after == before, scope
     quantized = {r.name for n in dq for r in users[n.output[0]]}
     assert quantized == set(plan_quantization(source).nodes) and len(quantized) == report.quantized_nodes
@@ -160,9 +154,9 @@ def test_shared_weight_and_activation_stay_float_for_float_nodes(tmp_path):
     assert [producers.get(i) for i in by_name["tower_mm"].input] == ["DequantizeLinear"] * 2
 
 
-def test_calibrated_export_directory(int8, exported, clips):
+def test_calibrated_export_directory(int8, tiny_export, clips):
     out, report = int8
-    source = read_manifest(exported)
+    source = read_manifest(tiny_export)
     manifest = read_manifest(out)                 # verifies every sha256
     assert sorted(p.name for p in out.iterdir()) == sorted([GRAPH, WEIGHTS, "manifest.json"])
     assert not list(out.parent.glob(".*"))        # no staging or work directory left behind
@@ -177,11 +171,11 @@ def test_calibrated_export_directory(int8, exported, clips):
     assert calibration["samples"] == 2 and calibration["seed"] == 3 and calibration["clips_per_video"] == 2
     assert set(calibration["excluded_scopes"]) == {"reducer", "scores.0", "scores.1"}
     assert "QInt8" in calibration["method"] and "MinMax" in calibration["method"]
-    assert calibration["source"]["manifest_sha256"] == sha256_file(exported / "manifest.json")
+    assert calibration["source"]["manifest_sha256"] == sha256_file(tiny_export / "manifest.json")
     assert calibration["source"]["files"] == source.files
     assert calibration["holdout"]["name"] == "holdout.mp4"
     assert calibration["holdout"]["metrics"] == pytest.approx(report.metrics)
-    assert (exported / GRAPH).stat().st_size and read_manifest(exported) == source      # the source is untouched
+    assert (tiny_export / GRAPH).stat().st_size and read_manifest(tiny_export) == source      # the source is untouched
 
 
 def test_check_passes_on_the_int8_export(int8):
@@ -234,7 +228,7 @@ def test_fidelity_metric_definitions():
     assert same["matched_cosine_min"] == pytest.approx(1.0) and same["cosine_min"] == pytest.approx(1.0)
     assert same["anchor_agreement"] == 1.0 == same["cell_agreement"] and same["max_abs"] == 0.0
     groups = cfg.clips * (2 + cfg.clip_len - 1)
-    assert same["anchor_groups"] == groups and len(token_roles(cfg)) == cfg.output_tokens
+    assert same["anchor_groups"] == groups and len(output_roles(cfg)) == cfg.output_tokens
 
     # Frame 1 keeps another cell instead of its last one; the new cell comes first in raster order, so every
     # kept token of that frame moves one position on.
@@ -254,9 +248,9 @@ def test_fidelity_metric_definitions():
 
 
 # ---- fp8 ----------------------------------------------------------------------------------------------------------
-def test_fp8_export(exported, clips, tmp_path):
+def test_fp8_export(tiny_export, clips, tmp_path):
     out = tmp_path / "tiny-fp8"
-    report = calibrate_export(exported, [clips[0]], "fp8", out, holdout=clips[1], clips_per_video=1,
+    report = calibrate_export(tiny_export, [clips[0]], "fp8", out, holdout=clips[1], clips_per_video=1,
                               progress=False, noise_floor=False)
     manifest = read_manifest(out)
     model = onnx.load(str(out / GRAPH), load_external_data=False)
@@ -267,18 +261,18 @@ def test_fp8_export(exported, clips, tmp_path):
     assert manifest.precision == "fp8" and manifest.opset == 19 == model.opset_import[0].version
     assert "QFLOAT8E4M3FN" in manifest.extra["calibration"]["method"]
     # The opset was raised without dropping node metadata: the scopes are still readable.
-    assert {top_scope(n) for n in model.graph.node if n.op_type == "TopK"} == {"reducer"}
+    assert {submodule(n) for n in model.graph.node if n.op_type == "TopK"} == {"reducer"}
     assert 0.9 <= report.metrics["matched_cosine_mean"] <= 1.0
 
 
 # ---- real footage ---------------------------------------------------------------------------------------------------
-def test_real_footage(exported, shared_videos, tmp_path):
+def test_real_footage(tiny_export, shared_videos, tmp_path):
     """Calibrate on one shared video, hold out another. The tiny model's random weights make its attention scores
     nearly flat: its own fp32 selection moves under ¼-pixel-step noise (measured 94 % anchor agreement), so the
     98 % anchor gate is not asserted here; the token cosine on matched cells is."""
     if len(shared_videos) < 2:
         pytest.skip("needs two shared videos")
-    report = calibrate_export(exported, [shared_videos[0]], "int8", tmp_path / "int8", holdout=shared_videos[1],
+    report = calibrate_export(tiny_export, [shared_videos[0]], "int8", tmp_path / "int8", holdout=shared_videos[1],
                               clips_per_video=2, progress=False)
     assert report.holdout == shared_videos[1].name
     m = report.metrics
@@ -297,31 +291,31 @@ def refused(tmp_path, *args, **kwargs):
     return message
 
 
-def test_refuses_bad_input(exported, int8, clips, tmp_path):
+def test_refuses_bad_input(tiny_export, int8, clips, tmp_path):
     out, _ = int8
     assert "fp32" in refused(tmp_path, out, [clips[0]], "int8", holdout=clips[1])
-    assert "'int4'" in refused(tmp_path, exported, [clips[0]], "int4", holdout=clips[1])
-    assert "no calibration videos" in refused(tmp_path, exported, [], "int8", holdout=clips[1])
+    assert "'int4'" in refused(tmp_path, tiny_export, [clips[0]], "int4", holdout=clips[1])
+    assert "no calibration videos" in refused(tmp_path, tiny_export, [], "int8", holdout=clips[1])
     (tmp_path / "empty").mkdir()
-    assert "no calibration videos" in refused(tmp_path, exported, tmp_path / "empty", "int8", holdout=clips[1])
-    assert "no such video" in refused(tmp_path, exported, [tmp_path / "missing.mp4"], "int8", holdout=clips[1])
-    assert "also a calibration video" in refused(tmp_path, exported, [clips[0]], "int8", holdout=clips[0])
+    assert "no calibration videos" in refused(tmp_path, tiny_export, tmp_path / "empty", "int8", holdout=clips[1])
+    assert "no such video" in refused(tmp_path, tiny_export, [tmp_path / "missing.mp4"], "int8", holdout=clips[1])
+    assert "also a calibration video" in refused(tmp_path, tiny_export, [clips[0]], "int8", holdout=clips[0])
     copy = shutil.copy(clips[0], tmp_path / "renamed.mp4")           # the same footage under another name
-    assert "also a calibration video" in refused(tmp_path, exported, [clips[0]], "int8", holdout=copy)
-    assert "no such held-out" in refused(tmp_path, exported, [clips[0]], "int8", holdout=tmp_path / "none.mp4")
+    assert "also a calibration video" in refused(tmp_path, tiny_export, [clips[0]], "int8", holdout=copy)
+    assert "no such held-out" in refused(tmp_path, tiny_export, [clips[0]], "int8", holdout=tmp_path / "none.mp4")
     with pytest.raises(InputError, match="source export"):
-        calibrate_export(exported, [clips[0]], "int8", exported, holdout=clips[1], progress=False)
+        calibrate_export(tiny_export, [clips[0]], "int8", tiny_export, holdout=clips[1], progress=False)
     assert expand_videos([clips[0], clips[0].parent]) == [clips[0], clips[1]]
 
 
-def test_no_holdout_and_no_shared_video(exported, clips, tmp_path, monkeypatch):
+def test_no_holdout_and_no_shared_video(tiny_export, clips, tmp_path, monkeypatch):
     import aot_export.video
 
     monkeypatch.setattr(aot_export.video, "shared_videos", lambda: [clips[0]])
-    assert "holdout" in refused(tmp_path, exported, [clips[0]], "int8")
+    assert "holdout" in refused(tmp_path, tiny_export, [clips[0]], "int8")
 
 
-def test_interrupted_calibration_leaves_nothing(exported, int8, clips, tmp_path, monkeypatch):
+def test_interrupted_calibration_leaves_nothing(tiny_export, int8, clips, tmp_path, monkeypatch):
     """Interrupted while quantizing: an existing output stays as it was, no staging or work directory remains."""
     import calibration.quantize
 
@@ -334,6 +328,6 @@ def test_interrupted_calibration_leaves_nothing(exported, int8, clips, tmp_path,
 
     monkeypatch.setattr(calibration.quantize, "quantize_graph", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        calibrate_export(exported, [clips[0]], "int8", target, holdout=clips[1], clips_per_video=1, progress=False)
+        calibrate_export(tiny_export, [clips[0]], "int8", target, holdout=clips[1], clips_per_video=1, progress=False)
     assert sorted((p.name, sha256_file(p)) for p in target.iterdir()) == before
     assert [p.name for p in tmp_path.iterdir()] == ["keep"]

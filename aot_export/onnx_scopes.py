@@ -8,6 +8,11 @@ import onnx
 
 NAME_SCOPES = "pkg.torch.onnx.name_scopes"
 
+# Top-level submodules of every adapter's exported module, as the dynamo exporter records them in each node's
+# name scopes: the encoder may be quantized or run in fp16; the scores and AOT stay fp32.
+ENCODER_SCOPES = ("tower", "projector")
+FP32_SCOPES = ("scores", "reducer")
+
 
 def submodule(node: onnx.NodeProto) -> str | None:
     """The top-level submodule `node` was traced in, as named ('tower', 'projector', 'scores.0', 'reducer');

@@ -1,4 +1,6 @@
-"""Video in: PyAV decoding with the checkpoint's frame sampling (`aot_export.preprocess.sample_indices`).
+"""Video in, the one decoder: PyAV decoding with the checkpoint's frame sampling
+(`aot_export.preprocess.sample_indices`), clips cut from a live feed (`rolling_clips`), and a synthetic clip for
+machines without footage.
 
 Part of `aot_export` because every consumer of an export — the runtime, calibration, a benchmark — must feed it frames
 sampled exactly as the manifest says."""
@@ -6,7 +8,9 @@ sampled exactly as the manifest says."""
 from __future__ import annotations
 
 import os
+from collections import deque
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import av
 import numpy as np
@@ -82,9 +86,38 @@ def decode_frames(path: str | os.PathLike, frames: int, size: int | None = None)
     return np.stack([picked[i] for i in indices.tolist()])
 
 
-SHARED_VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos"
+def synthesize_clip(path: str | os.PathLike, frames: int = 48, size: int = 160, fps: int = 24) -> Path:
+    """Write a short h264 clip of moving shapes (for machines without the shared footage)."""
+    path = Path(path)
+    ys, xs = np.mgrid[0:size, 0:size]
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for t in range(frames):
+            image = np.zeros((size, size, 3), dtype=np.uint8)
+            image[..., 0] = (xs * 255 // size).astype(np.uint8)
+            image[..., 2] = (ys * 255 // size).astype(np.uint8)
+            cx, cy = (size // 4 + 2 * t) % size, size // 2
+            image[(xs - cx) ** 2 + (ys - cy) ** 2 < (size // 8) ** 2] = (255, 255, 0)
+            image[size // 8: size // 4, (3 * t) % size: (3 * t) % size + size // 10] = (0, 255, 0)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
 
 
-def shared_videos() -> list[Path]:
-    """The team's real footage beside the project root (`../shared/data/videos`), if this checkout has it."""
-    return sorted(SHARED_VIDEOS.glob("*.mp4"))
+def rolling_clips(source: Iterable[np.ndarray], frames: int, window: int, stride: int) -> Iterator[np.ndarray]:
+    """Clips of `frames` frames from a live feed: every `stride` new frames, `frames` frames sampled uniformly
+    (as from a file) over the last `window` frames. The first clip comes once `window` frames have arrived."""
+    if stride < 1 or frames > window:
+        raise InputError(f"rolling window: need stride >= 1 and frames ({frames}) <= window ({window})")
+    recent: deque = deque(maxlen=window)
+    since = 0
+    for frame in source:
+        recent.append(frame)
+        since += 1
+        if len(recent) == window and since >= stride:
+            since = 0
+            yield np.stack([recent[i] for i in sample_indices(window, frames)])

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from runtime.bench import best_of
+from runtime.ratios import best_of
 from runtime.patch_features import patch_features
-from runtime.video import decode_frames
+from aot_export.video import decode_frames
 
 SHARED_VIDEOS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "videos"
 

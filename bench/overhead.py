@@ -27,7 +27,7 @@ import torch
 
 from aot_export import AOTConfig, AOTReducer
 from aot_export.reducer import inter_frame_transport, intra_frame_transport, mask_indices, pool_retained
-from runtime.video import decode_frames
+from aot_export.video import decode_frames
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import best_time, shared_videos, video_inputs  # noqa: E402

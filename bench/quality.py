@@ -59,9 +59,9 @@ from common import shared_videos  # noqa: E402
 
 from aot_export import AOTConfig  # noqa: E402
 from aot_export.adapters import BUILTIN_MODELS, ModelAdapter, load_model  # noqa: E402
-from aot_export.cli import format_table  # noqa: E402
+from aot_export.report import format_table  # noqa: E402
 from aot_export.preprocess import preprocess_frames  # noqa: E402
-from runtime.video import decode_frames  # noqa: E402
+from aot_export.video import decode_frames  # noqa: E402
 
 FRAMES = 32
 RETENTIONS = (0.10, 0.15, 0.25)
@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
                        for row in rows]
     print(json.dumps(payload))
     if args.json:
-        from aot_export.cli import write_json
+        from aot_export.report import write_json
 
         write_json(args.json, payload)
     return 0

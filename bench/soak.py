@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import tempfile
 import time
@@ -23,9 +22,10 @@ import numpy as np
 from aot_export import AOTConfig
 from aot_export.adapters import load_model
 from aot_export.export import export_vision_aot
+from aot_export.report import peak_rss_mib
 from runtime.llm import build_onnx_decoder
 from runtime.pipeline import Pipeline
-from runtime.video import decode_frames, rolling_clips
+from aot_export.video import decode_frames, rolling_clips
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import shared_videos  # noqa: E402
@@ -75,7 +75,7 @@ def main() -> None:
         after = rss_mib()
     result = {"clips": len(latencies), "llm": args.llm, "frames": cfg.frames, "rss_before_mib": before,
               "rss_after_mib": after, "rss_growth_mib": after - before,
-              "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+              "peak_rss_mib": peak_rss_mib(),
               "p50_ms": float(np.percentile(latencies, 50) * 1e3), "p95_ms": float(np.percentile(latencies, 95) * 1e3),
               "max_ms": float(max(latencies) * 1e3)}
     print(f"{result['clips']} clips: RSS {before:.0f} → {after:.0f} MiB ({after - before:+.1f}), peak "

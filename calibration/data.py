@@ -29,6 +29,7 @@ from aot_export.artifacts import sha256_file
 from aot_export.errors import InputError
 from aot_export.manifest import Manifest
 from aot_export.preprocess import Preprocessing, preprocess_frames, sample_indices
+from aot_export.video import VideoError, count_frames, decode_frames
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v")
 
@@ -157,7 +158,6 @@ def _frame_count(path: Path, exact: bool = False) -> int:
     header has none, or when `exact`). Call after `decode_frames` has accepted the file."""
     import av
 
-    from aot_export.video import count_frames
 
     if not exact:
         with av.open(str(path)) as container:
@@ -171,7 +171,6 @@ def _decode_at(path: Path, indices: set[int]) -> dict[int, np.ndarray]:
     """RGB frames at `indices`, in one decoding pass (errors mapped to the runtime's VideoError)."""
     import av
 
-    from aot_export.video import VideoError
 
     picked: dict[int, np.ndarray] = {}
     last = max(indices)
@@ -190,7 +189,6 @@ def _decode_at(path: Path, indices: set[int]) -> dict[int, np.ndarray]:
 def video_clips(path: Path, frames: int, clips: int, rng: np.random.Generator) -> tuple[int, list[np.ndarray],
                                                                                            list[np.ndarray]]:
     """(total frames, indices of each clip, [T, H, W, 3] uint8 RGB of each clip)."""
-    from aot_export.video import decode_frames
 
     # The runtime's decoding first: it refuses a missing, unreadable, stream-less or empty file with a VideoError.
     rgb = decode_frames(path, frames)

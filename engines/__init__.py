@@ -1,6 +1,6 @@
 """TensorRT engine building for Jetson Orin and datacenter GPUs (`tensorrt`) and TensorRT-RTX."""
 
-from .builder import BuiltEngine, ParsedNetwork, build_engine, builder_config, parse_onnx, save_plan
+from .loaders import BuiltEngine, ParsedNetwork, build_engine, builder_config, parse_onnx, save_plan
 from .flavours import FLAVOURS, Flavour, TensorRTUnavailable, load_tensorrt
 
 __all__ = ["FLAVOURS", "BuiltEngine", "Flavour", "ParsedNetwork", "TensorRTUnavailable", "build_engine",

@@ -21,7 +21,7 @@ from aot_export.errors import InputError
 from aot_export.manifest import Manifest, read_manifest
 from aot_export.progress import Stages
 
-from .builder import (BuildSettings, build_engine, builder_config, constrain_fp32, inspect_engine, network_report,
+from .loaders import (BuildSettings, build_engine, builder_config, constrain_fp32, inspect_engine, network_report,
                       parse_onnx, save_timing_cache)
 from .flavours import FLAVOURS, TensorRTUnavailable, cuda_major, load_tensorrt
 from .precision import export_fp16, fp32_nodes

@@ -14,8 +14,9 @@ import onnx
 
 from aot_export.manifest import read_manifest
 from aot_export.onnx_lint import graph_findings, interface_findings
+from aot_export.report import format_table
 
-from .builder import build_engine, builder_config, parse_onnx
+from .loaders import build_engine, builder_config, parse_onnx
 from .flavours import TensorRTUnavailable, load_tensorrt
 
 OK, FINDING, SKIPPED = "ok", "finding", "skipped"
@@ -48,7 +49,6 @@ class CheckReport:
                 "rows": [row.__dict__ for row in self.rows]}
 
     def table(self) -> str:
-        from aot_export.cli import format_table
 
         return format_table([(r.check, r.status, r.detail) for r in self.rows], ("check", "status", "detail")) + \
             f"\n\n{'PASS' if self.passed else 'FAIL'}: {sum(r.status == FINDING for r in self.rows)} finding(s)"

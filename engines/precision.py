@@ -13,7 +13,7 @@ from pathlib import Path
 
 import onnx
 
-from aot_export.adapters.base import FP32_SCOPES
+from aot_export.onnx_scopes import FP32_SCOPES
 from aot_export.artifacts import atomic_dir
 from aot_export.errors import InputError
 from aot_export.manifest import hash_files, read_manifest

@@ -6,6 +6,7 @@ this machine (`flavour`, `tensorrt_version`, `compute_capability`).
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -19,6 +20,9 @@ from aot_export.manifest import Manifest, read_manifest
 PLAN = "engine.plan"
 SIDECAR = "engine.json"
 SIDECAR_SCHEMA = 1
+# cuDeviceGetAttribute attributes (cuda.h)
+CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75
+CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR = 76
 
 
 class EngineMismatch(InputError):
@@ -104,14 +108,21 @@ class Machine:
 
 
 def gpu_compute_capability() -> str | None:
+    """SM version ("8.7") of CUDA device 0, read from the driver itself (no torch, no CUDA toolkit: a Jetson's
+    libcuda is enough); None where there is no driver or no device."""
     try:
-        import torch
-    except ImportError:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
         return None
-    if not torch.cuda.is_available():
+    count, device, major, minor = (ctypes.c_int() for _ in range(4))
+    if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value == 0:
         return None
-    major, minor = torch.cuda.get_device_capability()
-    return f"{major}.{minor}"
+    if cuda.cuDeviceGet(ctypes.byref(device), 0) != 0:
+        return None
+    if (cuda.cuDeviceGetAttribute(ctypes.byref(major), CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, device)
+            or cuda.cuDeviceGetAttribute(ctypes.byref(minor), CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, device)):
+        return None
+    return f"{major.value}.{minor.value}"
 
 
 def check_against_machine(sidecar: EngineSidecar, machine: Machine) -> None:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from aot_export.manifest import read_manifest
+from aot_export.report import format_table
 
 from .llm import TransformersDecoder, load_llm
 from .prompt import assemble
@@ -79,7 +80,6 @@ class ChainReport:
                 "reference_text": self.reference_text, "deployed_text": self.deployed_text}
 
     def table(self) -> str:
-        from aot_export.cli import format_table
 
         m, g, c = self.metrics, self.gates, self.checks
         rows = [("first-token KL(ref‖deployed)", f"{m['first_token_kl']:.3g}", f"<= {g.max_first_token_kl:g}",

@@ -2,7 +2,7 @@
 
 tiny-llava-ov (the real LLaVA-OneVision architecture at tiny width, seeded random weights) → one static ONNX graph
 of SigLIP + projector + AOT for 32 frames → `check` (ONNX checker, lint, TensorRT-RTX parse + build on this
-machine) → `validate` on real footage (`../shared/data/videos`, or a clip synthesized with PyAV) against the
+machine) → `validate` on real footage (the CLI passes `../shared/data/videos`), or a clip synthesized with PyAV, against the
 PyTorch reference → a summary.
 """
 
@@ -11,13 +11,15 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 from aot_export import AOTConfig
 from aot_export.adapters import load_model
 from aot_export.export import export_vision_aot
+from aot_export.report import format_table
 
 from .validate import ValidationReport, validate_export
-from .video import decode_frames, shared_videos, synthesize_clip
+from aot_export.video import decode_frames, synthesize_clip
 
 DEMO_MODEL = "tiny-llava-ov"
 
@@ -34,7 +36,6 @@ class DemoReport:
         return self.check.passed and all(v.passed for v in self.validations)
 
     def table(self) -> str:
-        from aot_export.cli import format_table
 
         cfg = self.config
         rows = [("model", DEMO_MODEL), ("frames", cfg.frames),
@@ -59,17 +60,12 @@ class DemoReport:
                 "seconds": self.seconds, "passed": self.passed}
 
 
-def demo_videos(workdir: Path, video: str | None) -> list[Path]:
-    if video is not None:
-        return [Path(video)]
-    return shared_videos() or [synthesize_clip(workdir / "synthetic.mp4")]
-
-
-def run_demo(workdir: Path, video: str | None = None, progress: bool = True) -> DemoReport:
+def run_demo(workdir: Path, videos: Sequence[str | Path] = (), progress: bool = True) -> DemoReport:
+    """Export, check and validate the built-in model on `videos` (a clip synthesized with PyAV when none)."""
     from engines.check import check_export
 
     workdir.mkdir(parents=True, exist_ok=True)
-    videos = demo_videos(workdir, video)
+    videos = [Path(v) for v in videos] or [synthesize_clip(workdir / "synthetic.mp4")]
     for path in videos:
         decode_frames(path, 1)          # a bad video is refused before minutes of export
     cfg = AOTConfig()

@@ -1,7 +1,7 @@
 """video → frames → vision backend (+AOT) → prompt assembly → LLM backend → answer, with a latency report.
 
 `aot-export run` is `Pipeline(...).answer(video, prompt)`; a camera or robot feed goes through
-`Pipeline.answer_frames` on the clips `runtime.video.rolling_clips` cuts from its frame iterator.
+`Pipeline.answer_frames` on the clips `aot_export.video.rolling_clips` cuts from its frame iterator.
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ import torch
 
 from aot_export.adapters import load_model
 from aot_export.preprocess import Preprocessing, preprocess_frames
+from aot_export.report import format_table
 
 from .llm import load_llm
 from .prompt import assemble, chat_ids
-from .video import decode_frames
+from aot_export.video import decode_frames
 from .vision import artifact_kind, open_vision
 
 DEFAULT_FRAMES = 32
@@ -41,7 +42,6 @@ class RunReport:
         return dict(self.__dict__)
 
     def table(self) -> str:
-        from aot_export.cli import format_table
 
         rows = [*[(f"{stage}", f"{seconds * 1e3:.1f} ms") for stage, seconds in self.seconds.items()],
                 ("decode tokens/s", f"{self.decode_tokens_per_s:.1f}"),

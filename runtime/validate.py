@@ -22,8 +22,9 @@ from aot_export.fidelity import compare_tokens
 from aot_export.manifest import Manifest, read_manifest
 from aot_export.preprocess import preprocess_frames
 from aot_export.progress import Stages
+from aot_export.report import format_table
 
-from .video import decode_frames
+from aot_export.video import decode_frames
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,6 @@ class ValidationReport:
                 "metrics": self.metrics, "checks": self.checks, "passed": self.passed, "seconds": self.seconds}
 
     def table(self) -> str:
-        from aot_export.cli import format_table
 
         m, checks = self.metrics, self.checks
         gate = {**{k: f">= {v:g}" for k, v in self.gates.floors.items()},

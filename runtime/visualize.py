@@ -41,7 +41,7 @@ from aot_export.reducer import (fixed_sinkhorn, gather_rows, grid_positions, int
                                 mask_indices, merge_into_anchors, pool_retained, pooling_matrix, retained_cells,
                                 select_anchors, top_k_raster, window_table, Transport)
 
-from .video import decode_frames
+from aot_export.video import decode_frames
 
 # Category colours (RGB); the legend and the tests read them from here.
 LOCAL_COLOUR = (0, 229, 255)          # cyan

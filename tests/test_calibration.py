@@ -19,8 +19,9 @@ from calibration import calibrate_export, calibration_data, expand_videos, fidel
 from calibration.data import clip_indices
 from aot_export.fidelity import output_roles
 from aot_export.onnx_scopes import submodule
-from calibration.quantize import GATES, QUANTIZED_SCOPES, plan_quantization
-from runtime.video import decode_frames, synthesize_clip
+from calibration.calibrate import GATES
+from calibration.qdq_graph import QUANTIZED_SCOPES, plan_quantization
+from aot_export.video import decode_frames, synthesize_clip
 
 HAS_TENSORRT = bool(importlib.util.find_spec("tensorrt_rtx") or importlib.util.find_spec("tensorrt"))
 CFG = TINY_CFG
@@ -130,7 +131,8 @@ def test_shared_weight_and_activation_stay_float_for_float_nodes(tmp_path):
     from onnx import TensorProto, helper
 
     from calibration.data import CalibrationData
-    from calibration.quantize import (PRECISIONS, calibrate_ranges, quantize_graph, untie_shared_weights)
+    from calibration.ort_quantize import QUANTIZATIONS as PRECISIONS, calibrate_ranges, quantize_graph
+    from calibration.qdq_graph import untie_shared_weights
 
     weight = numpy_helper.from_array(np.random.default_rng(0).normal(size=(8, 8)).astype(np.float32), "W")
     nodes = [_scoped(helper.make_node("Relu", ["x"], ["h"], name="act"), "tower"),
@@ -308,16 +310,13 @@ def test_refuses_bad_input(tiny_export, int8, clips, tmp_path):
     assert expand_videos([clips[0], clips[0].parent]) == [clips[0], clips[1]]
 
 
-def test_no_holdout_and_no_shared_video(tiny_export, clips, tmp_path, monkeypatch):
-    import aot_export.video
-
-    monkeypatch.setattr(aot_export.video, "shared_videos", lambda: [clips[0]])
+def test_no_holdout_is_refused(tiny_export, clips, tmp_path):
     assert "holdout" in refused(tmp_path, tiny_export, [clips[0]], "int8")
 
 
 def test_interrupted_calibration_leaves_nothing(tiny_export, int8, clips, tmp_path, monkeypatch):
     """Interrupted while quantizing: an existing output stays as it was, no staging or work directory remains."""
-    import calibration.quantize
+    import calibration.calibrate
 
     target = tmp_path / "keep"
     shutil.copytree(int8[0], target)
@@ -326,7 +325,7 @@ def test_interrupted_calibration_leaves_nothing(tiny_export, int8, clips, tmp_pa
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(calibration.quantize, "quantize_graph", interrupted)
+    monkeypatch.setattr(calibration.calibrate, "quantize_graph", interrupted)
     with pytest.raises(KeyboardInterrupt):
         calibrate_export(tiny_export, [clips[0]], "int8", target, holdout=clips[1], clips_per_video=1, progress=False)
     assert sorted((p.name, sha256_file(p)) for p in target.iterdir()) == before

@@ -6,7 +6,8 @@ import subprocess
 
 import pytest
 
-from aot_export.cli import EXIT_BAD_INPUT, EXIT_OK, format_table, main
+from aot_export.report import format_table
+from runtime.cli import EXIT_BAD_INPUT, EXIT_OK, main
 
 
 def test_console_script_is_installed():
@@ -18,7 +19,7 @@ def test_console_script_is_installed():
 
 def test_demo_on_a_synthesized_clip(tmp_path, capsys):
     """The README's main job end to end (export → check → validate), on a clip made here."""
-    from runtime.video import synthesize_clip
+    from aot_export.video import synthesize_clip
 
     video = synthesize_clip(tmp_path / "clip.mp4", frames=40)
     report_path = tmp_path / "report.json"

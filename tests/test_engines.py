@@ -11,13 +11,13 @@ import onnx
 import pytest
 
 from aot_export import AOTConfig
-from aot_export.cli import EXIT_BAD_INPUT, EXIT_OK, main
+from runtime.cli import EXIT_BAD_INPUT, EXIT_OK, main
 from aot_export.errors import InputError
 from aot_export.export import export_vision_aot
 from aot_export.manifest import read_manifest
 from aot_export.onnx_scopes import node_scope
 from engines.build import build_engine_dir, settings_for, trtexec_command
-from engines.builder import BuildSettings, fp32_layers, network_flags, parse_onnx
+from engines.loaders import BuildSettings, fp32_layers, network_flags, parse_onnx
 from engines.flavours import FLAVOURS, load_tensorrt
 from engines.precision import export_fp16, fp32_nodes
 from engines.sidecar import PLAN, SIDECAR, EngineMismatch, Machine, load_engine, read_sidecar

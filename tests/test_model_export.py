@@ -14,12 +14,12 @@ from aot_export import AOTConfig
 from aot_export.adapters import load_model
 from aot_export.adapters.llava_onevision import attention_received
 from conftest import TINY_CFG
-from aot_export.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, main
+from runtime.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, main
 from aot_export.export import export_vision_aot
 from aot_export.manifest import GRAPH, WEIGHTS, read_manifest
 from aot_export.onnx_lint import FORBIDDEN_OPS, graph_findings
 from aot_export.preprocess import Preprocessing, preprocess_frames, sample_indices
-from runtime.video import decode_frames, synthesize_clip
+from aot_export.video import decode_frames, synthesize_clip
 
 HAS_TENSORRT = bool(importlib.util.find_spec("tensorrt_rtx") or importlib.util.find_spec("tensorrt"))
 CFG = TINY_CFG

@@ -75,7 +75,7 @@ def test_agreement_report_on_random_tokens():
 @pytest.mark.heavy
 def test_static_tracks_reference_on_real_footage(shared_videos):
     from runtime.patch_features import patch_features
-    from runtime.video import decode_frames
+    from aot_export.video import decode_frames
 
     cfg = AOTConfig()
     reducer = AOTReducer(cfg)

@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from aot_export.cli import EXIT_BAD_INPUT, EXIT_OK, main
+from runtime.cli import EXIT_BAD_INPUT, EXIT_OK, main
 from aot_export.errors import InputError
 from conftest import TINY_CFG
 from runtime.chain import kl_divergence, validate_chain
 from runtime.llm import LLM_MANIFEST, OnnxDecoder, TransformersDecoder, build_onnx_decoder
 from runtime.pipeline import Pipeline
 from runtime.prompt import assemble
-from runtime.video import rolling_clips, synthesize_clip
+from aot_export.video import rolling_clips, synthesize_clip
 
 PROMPT = "What is happening in this video?"
 CFG = TINY_CFG
@@ -107,7 +107,7 @@ def test_torch_backend_equals_onnxruntime(tiny_export, tiny, clip):
     ort_run = Pipeline(str(tiny_export), llm="transformers", adapter=tiny)
     torch_run = Pipeline(str(tiny_export), backend="torch", llm="transformers", adapter=tiny)
     from aot_export.preprocess import preprocess_frames
-    from runtime.video import decode_frames
+    from aot_export.video import decode_frames
 
     from aot_export.fidelity import cosine_rows
 

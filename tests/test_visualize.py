@@ -10,7 +10,7 @@ from aot_export import AOTConfig, AOTReducer
 from aot_export.errors import InputError
 from aot_export.preprocess import preprocess_frames
 from runtime import visualize as viz
-from runtime.video import decode_frames, synthesize_clip
+from aot_export.video import decode_frames, synthesize_clip
 
 CFG = AOTConfig(frames=8, clip_len=4)
 

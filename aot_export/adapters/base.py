@@ -75,9 +75,3 @@ class ModelAdapter(ABC):
             raise InputError(f"the AOT config has grid={cfg.grid} but {self.info.model_id} gives a "
                              f"{self.info.grid}×{self.info.grid} grid per frame; solve the config with "
                              f"grid={self.info.grid}")
-
-
-# Top-level submodules of every adapter's exported module, as the dynamo exporter records them in each node's
-# `pkg.torch.onnx.name_scopes`: the encoder may be quantized or run in fp16; the scores and AOT stay fp32.
-ENCODER_SCOPES = ("tower", "projector")
-FP32_SCOPES = ("scores", "reducer")

@@ -11,12 +11,12 @@ peak memory is its own.
 from __future__ import annotations
 
 import multiprocessing as mp
-import resource
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+from aot_export.report import format_table, peak_rss_mib
 
 RETENTIONS = (0.10, 0.15, 0.20, 0.25)
 TEXT_TOKENS = 24          # a short question in the chat template
@@ -30,10 +30,6 @@ def best_of(fn: Callable[[], Any], repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return min(times)
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # ---- measurements, each run in a child process -----------------------------------------------------------------
@@ -142,7 +138,6 @@ class BenchReport:
                 "prefill": self.prefill}
 
     def table(self) -> str:
-        from aot_export.cli import format_table
 
         parts = [format_table([(r["hidden"], f"{r['reducer_s'] * 1e3:.0f}", f"{r['encoder_32_frames_s']:.1f}",
                                 f"{r['ratio']:.3%}", f"{r['ratio_intra']:.3%}", f"{r['ratio_inter']:.4%}",

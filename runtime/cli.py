@@ -1,60 +1,32 @@
 """`aot-export`: a thin shell over the library. Each command parses its arguments, calls one library function
 and prints what it returns; errors are one line (exit 2 bad input, 1 a failed check) unless `--debug`.
 
-Commands that live in `runtime` or `engines` are imported when they run, so that `aot_export` itself
-imports neither (dependencies point one way: runtime → engines → aot_export).
+The CLI wires every package together, so it sits on top of them and nothing imports it (the import-linter
+contract in pyproject.toml). Commands import their library when they run, so `--help` stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .errors import CheckFailed, InputError
+from aot_export.errors import CheckFailed, InputError
+from aot_export.report import format_table, peak_rss_mib, write_json
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
-
-
-def format_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
-    """A plain left-aligned text table."""
-    cells = [[str(h) for h in headers]] + [[_cell(v) for v in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = ["  ".join(value.ljust(width) for value, width in zip(row, widths)).rstrip() for row in cells]
-    lines.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(lines)
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value)
-
-
-def write_json(path: str | None, payload: dict) -> None:
-    if path is None:
-        return
-    from .artifacts import atomic_file
-
-    with atomic_file(path) as staging:
-        staging.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+# The team's footage beside a checkout, where the README's commands run from; a default of the shell, not the library.
+DEMO_FOOTAGE = "../shared/data/videos"
 
 
 # ---- commands --------------------------------------------------------------------------------------------------
-def peak_rss_gb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-
-
 def _export(args: argparse.Namespace) -> int:
-    from .adapters import load_model
-    from .config import AOTConfig
-    from .export import export_vision_aot, solve_config
+    from aot_export.adapters import load_model
+    from aot_export.config import AOTConfig
+    from aot_export.export import export_vision_aot, solve_config
 
     import time
 
@@ -75,10 +47,10 @@ def _export(args: argparse.Namespace) -> int:
             ("anchors / pooled anchors / keep", f"{cfg.anchors} / {cfg.pooled_anchors} / {cfg.keep}"),
             *[(f"{name}", f"{size / 1e6:.1f} MB") for name, size in sizes.items()],
             *[(f"time: {stage}", f"{seconds:.1f} s") for stage, seconds in result.seconds.items()],
-            ("peak RSS", f"{peak_rss_gb():.2f} GB"), ("written", str(result.directory))]
+            ("peak RSS", f"{peak_rss_mib():.0f} MiB"), ("written", str(result.directory))]
     print(format_table(rows, ("export", "")))
     write_json(args.json, {"manifest": result.manifest.to_dict(), "seconds": result.seconds, "sizes": sizes,
-                           "peak_rss_gb": peak_rss_gb()})
+                           "peak_rss_mib": peak_rss_mib()})
     return EXIT_OK
 
 
@@ -166,7 +138,7 @@ def _add_run(parser: argparse.ArgumentParser) -> None:
 def _quantize_llm(args: argparse.Namespace) -> int:
     from runtime.llm import build_onnx_decoder
 
-    from .adapters import load_model
+    from aot_export.adapters import load_model
 
     adapter = load_model(args.model)
     out = build_onnx_decoder(adapter, args.out, precision=args.precision, execution_provider=args.ep,
@@ -202,8 +174,7 @@ def _add_calibrate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=("int8", "fp8"), required=True)
     parser.add_argument("--out", required=True, help="the new (quantized) export directory")
     parser.add_argument("--holdout", default=None,
-                        help="video for the fidelity report, not used for calibration (default: a shared video "
-                             "not among --videos)")
+                        help="video for the fidelity report, not one of --videos (required)")
     parser.add_argument("--clips-per-video", type=int, default=4, help="calibration clips cut from each video (4)")
     parser.add_argument("--seed", type=int, default=0)
 
@@ -256,7 +227,7 @@ def _add_build(parser: argparse.ArgumentParser) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from runtime.bench import run_bench
+    from runtime.ratios import run_bench
 
     report = run_bench(widths=tuple(args.widths), encoder_frames=args.encoder_frames, repeats=args.repeats,
                        graph_frames=args.graph_frames, retentions=tuple(args.retentions), frames=args.frames)
@@ -279,8 +250,8 @@ def _add_bench(parser: argparse.ArgumentParser) -> None:
 def _visualize(args: argparse.Namespace) -> int:
     from runtime.visualize import visualize
 
-    from .adapters import load_model
-    from .export import solve_config
+    from aot_export.adapters import load_model
+    from aot_export.export import solve_config
 
     adapter = load_model(args.model)
     cfg = solve_config(args.frames, args.retention, args.anchors, args.pooled_anchors, args.keep,
@@ -312,7 +283,8 @@ def _add_visualize(parser: argparse.ArgumentParser) -> None:
 def _demo(args: argparse.Namespace) -> int:
     from runtime.demo import run_demo
 
-    report = run_demo(workdir=Path(args.workdir), video=args.video, progress=not args.quiet)
+    videos = args.video or sorted(Path(DEMO_FOOTAGE).glob("*.mp4"))
+    report = run_demo(workdir=Path(args.workdir), videos=videos, progress=not args.quiet)
     print(report.table())
     write_json(args.json, report.to_dict())
     return EXIT_OK if report.passed else EXIT_FAILED
@@ -320,8 +292,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _add_demo(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", default="aot-demo", help="where the demo writes its artifacts (aot-demo/)")
-    parser.add_argument("--video", default=None,
-                        help="video to run on (default: ../shared/data/videos when present, else a synthesized clip)")
+    parser.add_argument("--video", action="append", default=None,
+                        help="video to run on (repeatable; default: the .mp4 files in ../shared/data/videos "
+                             "relative to the current directory, else a synthesized clip)")
 
 
 def _read_text(path: str) -> str:

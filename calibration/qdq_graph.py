@@ -1,0 +1,137 @@
+"""Which nodes of an exported graph are quantized, and the graph surgery that keeps everything else float.
+
+Only nodes whose dynamo name scope (`pkg.torch.onnx.name_scopes`, second entry = top-level submodule of the
+exported module) is `tower` or `projector`, of op types Conv / MatMul / Gemm, and by default only those with a
+constant weight (the Linear layers and the patch Conv). The attention products q·kᵀ and softmax·v stay in float
+(quantizing them too dropped the tiny model's matched token cosine from 0.998 to 0.96), as do the two score layers
+(`scores.0`, `scores.1`) and the AOT block (`reducer`): selection, Sinkhorn transport and pooling lose accuracy in
+low precision (DESIGN.md: cos 0.90–0.96 with the reducer quantized).
+
+The score layers share tensors with the tower: their q/k weights are the tower layers' initializers, and the
+exporter merges their LayerNorm with the tower's identical one. ONNX Runtime points *every* consumer of a
+quantized tensor at its DequantizeLinear output, so shared weights are duplicated before quantization
+(`untie_shared_weights`) and float nodes are rewired to the original activations after it
+(`restore_float_inputs`): the score layers and the reducer read exactly what they read in the fp32 graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import onnx
+
+from aot_export.errors import InputError
+from aot_export.onnx_scopes import ENCODER_SCOPES, NAME_SCOPES, submodule
+
+QUANTIZED_SCOPES = ENCODER_SCOPES
+OP_TYPES = ("Conv", "MatMul", "Gemm")
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    nodes: tuple[str, ...]                    # node names handed to quantize_static
+    activations: tuple[str, ...]              # non-constant float inputs of those nodes: the tensors calibrated
+    excluded_scopes: dict[str, int]           # scope → number of Conv/MatMul/Gemm nodes left in float there
+    float_in_scope: int                       # activation×activation MatMuls inside tower/projector left in float
+
+
+def plan_quantization(model: onnx.ModelProto, weights_only: bool = True) -> QuantPlan:
+    """Conv/MatMul/Gemm nodes of the tower and projector to quantize (only those with a constant weight when
+    `weights_only`), and the activations that need a calibrated range."""
+    graph = model.graph
+    constants = {init.name for init in graph.initializer}
+    constants.update(out for node in graph.node if node.op_type == "Constant" for out in node.output)
+    nodes, activations, excluded, float_in_scope = [], [], {}, 0
+    unscoped = 0
+    for node in graph.node:
+        if node.op_type not in OP_TYPES:
+            continue
+        scope = submodule(node)
+        if scope is None:
+            unscoped += 1
+            continue
+        if scope not in QUANTIZED_SCOPES:
+            excluded[scope] = excluded.get(scope, 0) + 1
+            continue
+        if weights_only and (len(node.input) < 2 or node.input[1] not in constants):
+            float_in_scope += 1
+            continue
+        if not node.name:
+            raise InputError(f"a {node.op_type} node of scope {scope!r} has no name; re-export with "
+                             "`aot-export export` (ONNX Runtime's quantizer selects nodes by name)")
+        nodes.append(node.name)
+        activations.extend(name for name in node.input[:2] if name and name not in constants)
+    if not nodes:
+        raise InputError("the graph has no Conv/MatMul/Gemm node with name-scope metadata "
+                         f"({NAME_SCOPES}) in {'/'.join(QUANTIZED_SCOPES)}"
+                         f"{f' ({unscoped} without metadata)' if unscoped else ''}; re-export with "
+                         "`aot-export export` (dynamo exporter), which records it")
+    return QuantPlan(tuple(nodes), tuple(dict.fromkeys(activations)), excluded, float_in_scope)
+
+
+def untie_shared_weights(model: onnx.ModelProto, quantized: Iterable[str]) -> list[str]:
+    """Give the float consumers of a weight that quantized nodes also read their own copy of it (in place);
+    returns the copied initializer names. Without this, ONNX Runtime rewires every consumer of a quantized weight
+    to its DequantizeLinear output, and the fp32 score layers would compute with int8-rounded q/k weights."""
+    quantized = set(quantized)
+    inits = {init.name: init for init in model.graph.initializer}
+    readers: dict[str, set[str]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            if name in inits:
+                readers.setdefault(name, set()).add("q" if node.name in quantized else "f")
+    shared = sorted(name for name, kinds in readers.items() if kinds == {"q", "f"})
+    for name in shared:
+        copy = onnx.TensorProto()
+        copy.CopyFrom(inits[name])
+        copy.name = f"{name}__float"
+        model.graph.initializer.append(copy)
+        for node in model.graph.node:
+            if node.name not in quantized:
+                for i, value in enumerate(node.input):
+                    if value == name:
+                        node.input[i] = copy.name
+    return shared
+
+
+def graph_opset(model: onnx.ModelProto) -> int:
+    return next(op.version for op in model.opset_import if op.domain in ("", "ai.onnx"))
+
+
+def raise_opset_for_float8(model: onnx.ModelProto) -> bool:
+    """float8 Q/DQ needs opset 19. ONNX Runtime would run `onnx.version_converter`, which drops every node's
+    metadata (the name scopes that say which nodes are fp32 on purpose). From 18, the exporter's opset, to 19 every
+    operator change is additive (float8 types; Cast's `saturate`, which applies to float8 only; AveragePool
+    dilations; Pad's wrap mode; strings in Equal), so the import is raised in place. True if it was raised."""
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx") and opset.version == 18:
+            opset.version = 19
+            return True
+    return False
+
+
+def restore_float_inputs(model: onnx.ModelProto, quantized: Iterable[str]) -> int:
+    """Rewire float nodes (not quantized, not Q/DQ) that ONNX Runtime pointed at a DequantizeLinear output back
+    to the original activation: ORT replaces the input of *every* consumer of a quantized activation, so a score
+    layer that shares the tower's LayerNorm output (the exporter merges the identical computation) would read
+    int8-rounded values. Returns the number of inputs rewired; raises if a float node still reads a quantized
+    weight (see `untie_shared_weights`)."""
+    quantized = set(quantized)
+    producer = {out: node for node in model.graph.node for out in node.output}
+    original = {}
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in producer \
+                and producer[node.input[0]].op_type == "QuantizeLinear":
+            original[node.output[0]] = producer[node.input[0]].input[0]
+    rewired = 0
+    for node in model.graph.node:
+        if node.name in quantized or node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        for i, name in enumerate(node.input):
+            if name in original:
+                node.input[i] = original[name]
+                rewired += 1
+            elif name in producer and producer[name].op_type == "DequantizeLinear":
+                raise RuntimeError(f"float node {node.name} ({submodule(node)}) reads the quantized weight {name}")
+    return rewired

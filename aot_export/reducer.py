@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -65,20 +65,40 @@ def window_table(grid: int, windows: int) -> Tensor:
     return torch.tensor([m + [grid * grid] * (width - len(m)) for m in members], dtype=torch.long)
 
 
-def select_anchors(cfg: AOTConfig, table: Tensor, score_shallow: Tensor, score_deep: Tensor,
-                   global_anchors: int | None = None) -> Tensor:
-    """[T, N] bool mask: `local_per_window` local anchors in every window by the shallow score, then
+class AnchorMasks(NamedTuple):
+    """Which tokens are anchors, by role: `local` [T, N] bool (windowed, shallow score) and `global_` [T, N] bool
+    (deep score among the rest); disjoint. Only their union drives the reduction; the roles are for pictures."""
+
+    local: Tensor
+    global_: Tensor
+
+    @property
+    def union(self) -> Tensor:
+        return self.local | self.global_
+
+
+def anchor_masks(cfg: AOTConfig, table: Tensor, score_shallow: Tensor, score_deep: Tensor,
+                 global_anchors: int | None = None, local_per_window: int | None = None) -> AnchorMasks:
+    """`local_per_window` (default `cfg.local_per_window`) local anchors in every window by the shallow score, then
     `global_anchors` (default `cfg.global_anchors`) more among the rest by the deep score (AOT_SPEC §1)."""
     frames, n = score_shallow.shape
+    per_window = cfg.local_per_window if local_per_window is None else local_per_window
     lowest = torch.finfo(score_deep.dtype).min
     padded = torch.cat([score_shallow, score_shallow.new_full((frames, 1), lowest)], dim=1)
     window_scores = padded.index_select(1, table.flatten()).view(frames, *table.shape)  # [T, W², w]
     # Window members are listed in raster order, so a lower position is a lower token index.
-    local_pos = top_k_raster(cfg.local_per_window, window_scores)                  # [T, W², k_loc]
+    local_pos = top_k_raster(per_window, window_scores)                                   # [T, W², k_loc]
     local_idx = table.expand(frames, -1, -1).gather(2, local_pos).flatten(1)
     local = torch.zeros(frames, n, dtype=torch.bool, device=score_deep.device).scatter(1, local_idx, True)
     remaining = torch.where(local, torch.full_like(score_deep, lowest), score_deep)
-    return local | top_k_mask(cfg.global_anchors if global_anchors is None else global_anchors, remaining)
+    count = cfg.global_anchors if global_anchors is None else global_anchors
+    return AnchorMasks(local, top_k_mask(count, remaining))
+
+
+def select_anchors(cfg: AOTConfig, table: Tensor, score_shallow: Tensor, score_deep: Tensor,
+                   global_anchors: int | None = None) -> Tensor:
+    """[T, N] bool: every anchor of `anchor_masks`, whatever its role."""
+    return anchor_masks(cfg, table, score_shallow, score_deep, global_anchors).union
 
 
 # ---- optimal transport ----------------------------------------------------------------------------------------
@@ -230,12 +250,23 @@ def inter_frame_cost(cfg: AOTConfig, sources: Tensor, anchors: Tensor, offset: i
     return (dissimilarity - dissimilarity.amin(dim=(1, 2), keepdim=True)) * temporal_scale(cfg, offset)
 
 
-def inter_frame_transport(cfg: AOTConfig, tokens: Tensor,
-                          sinkhorn: Sinkhorn | None = None) -> tuple[Tensor, Tensor]:
+@dataclass(frozen=True)
+class InterFrame:
+    """What the inter-frame stage decided in every clip (AOT_SPEC §4); dim 1 is the step ℓ = 1 … L−1, frame ℓ of
+    the clip merging into the anchors the step before left. C clips, A cells per frame, K distinct per frame."""
+
+    assignment: Tensor       # [C, L-1, A, A] row-normalised plan P: source cell i of frame ℓ → anchor m
+    merge_weights: Tensor    # [C, L-1, A, A] P with the distinct cells' rows zeroed: what step ℓ merges
+    kept: Tensor             # [C, L-1, K] positions (among frame ℓ's A cells) kept as distinct, ascending
+    anchors: Tensor          # [C, A, H] the anchors after the last step
+
+
+def inter_frame_transport(cfg: AOTConfig, tokens: Tensor, sinkhorn: Sinkhorn | None = None) -> InterFrame:
     """Per clip [C, L, A, H]: merge frames 2…L into the keyframe anchors, keep each frame's `keep` most distinct
-    tokens (AOT_SPEC §4). Returns kept positions [C, L-1, K] (raster order) and updated anchors [C, A, H]."""
+    tokens (AOT_SPEC §4)."""
+    clips, _, cells, _ = tokens.shape
     anchors = tokens[:, 0]
-    kept_positions = []
+    assignments, merge_weights, kept = [], [], []
     for offset in range(1, cfg.clip_len):
         sources = tokens[:, offset]
         cost = inter_frame_cost(cfg, sources, anchors, offset)
@@ -244,23 +275,68 @@ def inter_frame_transport(cfg: AOTConfig, tokens: Tensor,
         assignment = plan / plan.sum(-1, keepdim=True)                                         # rows sum to 1
         confidence = assignment.amax(-1)                                                       # [C, A]
         merged = torch.ones_like(confidence)
+        distinct = torch.zeros_like(confidence[:, :0], dtype=torch.long)                       # [C, K]
         if cfg.keep:
             distinct = top_k_raster(cfg.keep, -confidence)
             merged = merged.scatter(1, distinct, 0.0)
-            kept_positions.append(distinct)
         weights = assignment * merged.unsqueeze(-1)
         anchors = merge_into_anchors(cfg, anchors, sources, weights)
-    if not kept_positions:
-        return tokens.new_zeros(tokens.shape[0], cfg.clip_len - 1, 0, dtype=torch.long), anchors
-    return torch.stack(kept_positions, dim=1), anchors
+        assignments.append(assignment)
+        merge_weights.append(weights)
+        kept.append(distinct)
+    if cfg.clip_len == 1:
+        no_steps = tokens.new_zeros(clips, 0, cells, cells)
+        return InterFrame(no_steps, no_steps, tokens.new_zeros(clips, 0, cfg.keep, dtype=torch.long), anchors)
+    return InterFrame(torch.stack(assignments, 1), torch.stack(merge_weights, 1), torch.stack(kept, 1), anchors)
 
 
 # ---- the module ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ReductionTrace:
+    """Every decision of one reduction, as the reducer itself takes them (`AOTReducer.trace`); `tokens` and `index`
+    are what `AOTReducer` returns. T frames, N tokens, V anchors, A cells, H width; all values fp32 except `tokens`
+    (the input dtype)."""
+
+    cfg: AOTConfig
+    anchors: AnchorMasks       # local [T, N], global_ [T, N] bool
+    transport: Transport       # the intra-frame transport: anchor_idx [T, V], self_weight [T, V], weights [T, N, V]
+    cells: Tensor              # [T, A] pooled cells kept per frame, raster order
+    retained: Tensor           # [T, A, H] their tokens, anchors carrying their transported values
+    inter: InterFrame | None   # None when the inter-frame stage did not run (clip_len 1, or `inter_frame=False`)
+    tokens: Tensor             # [n, H] the output tokens
+    index: Tensor              # [n, 3] int32 (frame, row, col) of each on the pooled grid
+
+    @property
+    def anchor_idx(self) -> Tensor:
+        """[T, V] the anchors' token indices, ascending."""
+        return self.transport.anchor_idx
+
+    @property
+    def keyframes(self) -> Tensor:
+        """[T] bool: the frames whose cells are emitted as they are (every frame without the inter-frame stage)."""
+        frames = torch.arange(self.cfg.frames, device=self.cells.device)
+        if self.inter is None:
+            return torch.ones_like(frames, dtype=torch.bool)
+        return frames % self.cfg.clip_len == 0
+
+    @property
+    def distinct(self) -> Tensor:
+        """[T, A] bool: the cells a later frame of a clip keeps as distinct tokens (none in keyframes)."""
+        if self.inter is None:
+            return torch.zeros_like(self.cells, dtype=torch.bool)
+        clips, steps, _ = self.inter.kept.shape
+        later = torch.zeros(clips, steps, self.cells.shape[1], dtype=torch.bool, device=self.cells.device)
+        later = later.scatter(2, self.inter.kept, True)
+        keyframe = torch.zeros_like(later[:, :1])
+        return torch.cat([keyframe, later], dim=1).flatten(0, 1)
+
+
 class AOTReducer(nn.Module):
     """`tokens, index = AOTReducer(cfg)(features [T,N,H], score_shallow [T,N], score_deep [T,N])`.
 
     tokens [cfg.output_tokens, H] in the input dtype (all arithmetic in fp32); index [cfg.output_tokens, 3] int32
     (frame, row, col) on the pooled grid. Per clip: keyframe cells, kept cells of frames 2…L, updated anchors.
+    `trace` returns every decision on the way; `forward` is its tokens and index.
     """
 
     def __init__(self, cfg: AOTConfig, sinkhorn: Sinkhorn | None = None):
@@ -273,45 +349,78 @@ class AOTReducer(nn.Module):
         self.register_buffer("pooling", pooling_matrix(cfg), persistent=False)
 
     def forward(self, features: Tensor, score_shallow: Tensor, score_deep: Tensor) -> tuple[Tensor, Tensor]:
+        trace = self.trace(features, score_shallow, score_deep)
+        return trace.tokens, trace.index
+
+    def trace(self, features: Tensor, score_shallow: Tensor, score_deep: Tensor, *,
+              anchors: AnchorMasks | None = None, transport_cfg: AOTConfig | None = None,
+              inter_frame: bool = True) -> ReductionTrace:
+        """The reduction of `features` [T, N, H] by the scores [T, N], every decision kept.
+
+        The options are for studies (the defaults are the reduction): `anchors` replaces the anchor selection
+        (the same count in every frame); `transport_cfg` is the config of the intra-frame transport only (e.g.
+        alpha=0, lam=0: anchors keep their values; the solver stays this reducer's); `inter_frame=False` stops
+        after the kept cells (`tokens` is then every kept cell, T·A of them, frame-major)."""
         cfg = self.cfg
         out_dtype = features.dtype
         features, score_shallow, score_deep = features.float(), score_shallow.float(), score_deep.float()
         hidden = features.shape[-1]
 
-        anchor_mask, cells = self.select(score_shallow, score_deep)                            # [T, N], [T, A]
-        anchor_idx = mask_indices(anchor_mask, cfg.anchors)                                    # [T, V]
-        transport = intra_frame_transport(cfg, features, anchor_idx, self.positions, self.sinkhorn)
+        if anchors is None:
+            anchors = anchor_masks(cfg, self.windows, score_shallow, score_deep)
+            count = cfg.anchors
+        else:
+            count = same_count(anchors.union)
+        anchor_mask = anchors.union                                                            # [T, N]
+        cells = self.pooled_cells(anchor_mask, score_deep)                                   # [T, A]
+        anchor_idx = mask_indices(anchor_mask, count)                                          # [T, V]
+        transport = intra_frame_transport(transport_cfg or cfg, features, anchor_idx, self.positions, self.sinkhorn)
         retained = pool_retained(features, transport, self.pooling[cells])                     # [T, A, H]
         frame_ids = torch.arange(cfg.frames, device=cells.device).unsqueeze(-1).expand_as(cells)
 
-        if not cfg.inter_frame:
-            return (retained.reshape(-1, hidden).to(out_dtype),
-                    self._index(frame_ids.reshape(-1), cells.reshape(-1)))
+        if not (cfg.inter_frame and inter_frame):
+            return ReductionTrace(cfg, anchors, transport, cells, retained, None,
+                                  retained.reshape(-1, hidden).to(out_dtype),
+                                  self._index(frame_ids.reshape(-1), cells.reshape(-1)))
 
         shape = (cfg.clips, cfg.clip_len, cfg.pooled_anchors)
         clip_tokens = retained.reshape(*shape, hidden)
         clip_cells = cells.reshape(shape)
         clip_frames = frame_ids.reshape(shape)
-        kept_pos, anchors = inter_frame_transport(cfg, clip_tokens, self.sinkhorn)                          # [C, L-1, K]
+        inter = inter_frame_transport(cfg, clip_tokens, self.sinkhorn)
         later_tokens = clip_tokens[:, 1:].flatten(1, 2)                                        # [C, (L-1)A, H]
         offsets = (torch.arange(cfg.clip_len - 1, device=cells.device) * cfg.pooled_anchors).view(1, -1, 1)
-        kept_flat = (kept_pos + offsets).flatten(1)                                            # [C, (L-1)K]
+        kept_flat = (inter.kept + offsets).flatten(1)                                          # [C, (L-1)K]
         kept_tokens = gather_rows(later_tokens, kept_flat)
         kept_cells = clip_cells[:, 1:].flatten(1).gather(1, kept_flat)
         kept_frames = clip_frames[:, 1:].flatten(1).gather(1, kept_flat)
 
-        tokens = torch.cat([clip_tokens[:, 0], kept_tokens, anchors], dim=1)
+        tokens = torch.cat([clip_tokens[:, 0], kept_tokens, inter.anchors], dim=1)
         out_cells = torch.cat([clip_cells[:, 0], kept_cells, clip_cells[:, 0]], dim=1)
         out_frames = torch.cat([clip_frames[:, 0], kept_frames, clip_frames[:, 0]], dim=1)
-        return tokens.reshape(-1, hidden).to(out_dtype), self._index(out_frames.reshape(-1), out_cells.reshape(-1))
+        return ReductionTrace(cfg, anchors, transport, cells, retained, inter,
+                              tokens.reshape(-1, hidden).to(out_dtype),
+                              self._index(out_frames.reshape(-1), out_cells.reshape(-1)))
 
     def select(self, score_shallow: Tensor, score_deep: Tensor) -> tuple[Tensor, Tensor]:
         """Which tokens become anchors [T, N] and which pooled cells are kept [T, A]: the scores decide both."""
         anchor_mask = select_anchors(self.cfg, self.windows, score_shallow.float(), score_deep.float())
+        return anchor_mask, self.pooled_cells(anchor_mask, score_deep.float())
+
+    def pooled_cells(self, anchor_mask: Tensor, score_deep: Tensor) -> Tensor:
+        """[T, A] kept cells of anchors [T, N] (see `retained_cells`), on this reducer's pooling."""
         pooled_mask = anchor_mask.float() @ self.pooling.T                                     # [T, P]
-        pooled_deep = score_deep.float() @ self.pooling.T
-        return anchor_mask, retained_cells(self.cfg, pooled_mask, pooled_deep)
+        pooled_deep = score_deep @ self.pooling.T
+        return retained_cells(self.cfg, pooled_mask, pooled_deep)
 
     def _index(self, frames: Tensor, cells: Tensor) -> Tensor:
         grid = self.cfg.pooled_grid
         return torch.stack([frames, cells // grid, cells % grid], dim=-1).to(torch.int32)
+
+
+def same_count(mask: Tensor) -> int:
+    """The number of set entries per row of `mask` [T, N], which must be the same in every row."""
+    counts = mask.sum(1)
+    if not bool((counts == counts[0]).all()):
+        raise ValueError(f"anchors must set the same number in every frame, not {sorted(set(counts.tolist()))}")
+    return int(counts[0])

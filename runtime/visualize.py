@@ -16,8 +16,9 @@ The sampled frames (resized to the model's input size, as the tower sees them) i
   The transport masses themselves are not drawn: the intra-frame plan has uniform marginals, so every pruned
   token sends 1/M and every anchor absorbs 1/V; only where the mass goes differs, and the weight map shows that.
 
-Everything is computed with `aot_export.reducer`'s own functions on `adapter.encode(cfg, frames)` and checked
-against `AOTReducer` (tests/test_visualize.py): the picture shows what the exported graph computes.
+What is drawn is `AOTReducer(cfg).trace` of `adapter.encode(cfg, frames)`: the reducer's own decisions, the
+trace whose tokens and index the exported graph computes. The heat map's coefficients are derived from the trace's
+recorded transport and merge weights (tests/test_visualize.py checks them against the reducer's output).
 """
 
 from __future__ import annotations
@@ -37,10 +38,7 @@ from aot_export.artifacts import atomic_file
 from aot_export.config import AOTConfig
 from aot_export.preprocess import preprocess_frames
 from aot_export.progress import Stages
-from aot_export.reducer import (fixed_sinkhorn, gather_rows, grid_positions, inter_frame_cost, intra_frame_transport,
-                                mask_indices, merge_into_anchors, pool_retained, pooling_matrix, retained_cells,
-                                select_anchors, top_k_raster, window_table, Transport)
-
+from aot_export.reducer import AOTReducer, ReductionTrace, Transport, pool_retained, pooling_matrix
 from aot_export.video import decode_frames
 
 # Category colours (RGB); the legend and the tests read them from here.
@@ -59,157 +57,38 @@ DOT_RADIUS = 4
 MAX_WIDTH = 1600
 
 
-# ---- the reduction, traced -------------------------------------------------------------------------------------
-def local_anchor_mask(cfg: AOTConfig, table: Tensor, score_shallow: Tensor, per_window: int | None = None) -> Tensor:
-    """[T, N] bool: the `per_window` (default `cfg.local_per_window`) local anchors of every window — the first
-    half of `select_anchors`, which does not return it separately."""
-    frames, n = score_shallow.shape
-    per_window = cfg.local_per_window if per_window is None else per_window
-    lowest = torch.finfo(score_shallow.dtype).min
-    padded = torch.cat([score_shallow, score_shallow.new_full((frames, 1), lowest)], dim=1)
-    window_scores = padded.index_select(1, table.flatten()).view(frames, *table.shape)
-    local_pos = top_k_raster(per_window, window_scores)
-    local_idx = table.expand(frames, -1, -1).gather(2, local_pos).flatten(1)
-    return torch.zeros(frames, n, dtype=torch.bool, device=score_shallow.device).scatter(1, local_idx, True)
+# ---- the reduction's output weight ------------------------------------------------------------------------------
+def cell_output_weight(trace: ReductionTrace) -> Tensor:
+    """[T, A]: each kept cell's coefficient summed over the output tokens, from the trace's recorded merges.
+
+    A keyframe cell is emitted once and is anchor m's starting value; a distinct cell is emitted once; a merged
+    cell enters its anchors with its merge weights. Merge step s divides anchor m by d_s = 1 + λ·Σ_i w_s[i, m], so
+    a contribution made at step s ends up divided by the product of d over steps s … L−1."""
+    cfg = trace.cfg
+    if trace.inter is None:
+        return torch.ones(trace.cells.shape)
+    weights = trace.inter.merge_weights                                                       # [C, L-1, S, A]
+    divisor = 1.0 + cfg.lam * weights.sum(2)                                                  # [C, L-1, A]
+    remaining = divisor.flip(1).cumprod(1).flip(1)                                            # Π over steps s…L−1
+    keyframe = 1.0 + 1.0 / remaining[:, 0]                                                    # [C, A]
+    later = trace.distinct.view(cfg.clips, cfg.clip_len, -1)[:, 1:].float() \
+        + (cfg.lam * weights / remaining.unsqueeze(2)).sum(-1)                                # [C, L-1, A]
+    return torch.cat([keyframe.unsqueeze(1), later], dim=1).reshape(trace.cells.shape)
 
 
-@dataclass
-class Trace:
-    """Every intermediate of one AOT reduction. T frames, N tokens, V anchors, A kept cells, K distinct, C clips."""
-
-    cfg: AOTConfig
-    local: Tensor            # [T, N] bool local anchors (as `select_anchors` picks them)
-    anchors: Tensor          # [T, N] bool all anchors (local | global)
-    transport: Transport     # the intra-frame transport (anchor_idx [T, V], self_weight, weights [T, N, V])
-    cells: Tensor            # [T, A] kept pooled cells, raster order
-    retained: Tensor         # [T, A, H] the kept cells' tokens, anchors carrying their transported values
-    distinct: Tensor         # [T, A] bool: in a non-key frame, kept as a distinct token (False in keyframes)
-    merged: Tensor           # [T, A] merge weight Σ_m P_im a non-key cell sent to its keyframe's anchors
-    absorbed: Tensor         # [T, A] in a keyframe, the later-frame mass each anchor absorbed (0 elsewhere)
-    output_weight: Tensor    # [T, N] each token's weight summed over all output tokens (see module docstring)
-    tokens: Tensor           # [cfg.output_tokens, H] what AOTReducer returns
-    index: Tensor            # [cfg.output_tokens, 3] int32 (frame, row, col)
-
-    @property
-    def global_(self) -> Tensor:
-        return self.anchors & ~self.local
-
-    @property
-    def keyframes(self) -> Tensor:
-        """[T] bool."""
-        frames = torch.arange(self.cfg.frames)
-        return frames % self.cfg.clip_len == 0 if self.cfg.inter_frame else torch.ones_like(frames, dtype=torch.bool)
-
-
-def trace_reduction(cfg: AOTConfig, features: Tensor, score_shallow: Tensor, score_deep: Tensor, *,
-                    anchor_mask: Tensor | None = None, transport_cfg: AOTConfig | None = None,
-                    inter_frame: bool = True) -> Trace:
-    """`AOTReducer(cfg)(features, score_shallow, score_deep)`, composed from the reducer's functions step by step,
-    keeping every intermediate. With the defaults `tokens`/`index` equal the reducer's.
-
-    For studies: `anchor_mask` ([T, N] bool, the same count per frame) replaces the anchor selection;
-    `transport_cfg` is the config of the intra-frame transport only (e.g. alpha=0, lam=0: anchors unchanged);
-    `inter_frame=False` stops after the kept cells (`tokens` is then every kept cell, T·A of them).
-    """
-    features = features.detach().float().clone()
-    score_shallow, score_deep = score_shallow.detach().float().clone(), score_deep.detach().float().clone()
-    frames, hidden = features.shape[0], features.shape[-1]
-    table, positions, pooling = window_table(cfg.grid, cfg.windows), grid_positions(cfg.grid), pooling_matrix(cfg)
-
-    local = local_anchor_mask(cfg, table, score_shallow)
-    if anchor_mask is None:
-        anchor_mask = select_anchors(cfg, table, score_shallow, score_deep)
-    counts = anchor_mask.sum(1)
-    if not bool((counts == counts[0]).all()):
-        raise ValueError("anchor_mask must set the same number of anchors in every frame")
-    local = local & anchor_mask
-    pooled_mask = anchor_mask.float() @ pooling.T
-    pooled_deep = score_deep @ pooling.T
-    cells = retained_cells(cfg, pooled_mask, pooled_deep)                                     # [T, A]
-    anchor_idx = mask_indices(anchor_mask, int(counts[0]))
-    tcfg = transport_cfg or cfg
-    transport = intra_frame_transport(tcfg, features, anchor_idx, positions, fixed_sinkhorn(tcfg))
-    pool_rows = pooling[cells]                                                                # [T, A, N]
-    retained = pool_retained(features, transport, pool_rows)                                  # [T, A, H]
-    frame_ids = torch.arange(frames).unsqueeze(-1).expand_as(cells)
-    gp = cfg.pooled_grid
-    zeros = torch.zeros(cells.shape)
-
-    if not (cfg.inter_frame and inter_frame):
-        tokens = retained.reshape(-1, hidden)
-        index = torch.stack([frame_ids.reshape(-1), cells.reshape(-1) // gp, cells.reshape(-1) % gp], -1)
-        weight = _output_weight(transport, pool_rows, torch.ones(cells.shape), pooling)
-        return Trace(cfg, local, anchor_mask, transport, cells, retained, zeros.bool(), zeros, zeros, weight,
-                     tokens, index.to(torch.int32))
-
-    clips, length, a = cfg.clips, cfg.clip_len, cfg.pooled_anchors
-    clip_tokens = retained.reshape(clips, length, a, hidden)
-    anchors = clip_tokens[:, 0]
-    # The updated anchors as a linear map of the clip's kept-cell tokens: [C, A (anchor), L, A (cell)].
-    coefficients = torch.zeros(clips, a, length, a)
-    coefficients[:, :, 0] = torch.eye(a)
-    sinkhorn = fixed_sinkhorn(cfg)
-    kept_positions, distinct, merged = [], torch.zeros(clips, length, a), torch.zeros(clips, length, a)
-    absorbed_mass = torch.zeros(clips, a)
-    for offset in range(1, length):                       # as `inter_frame_transport`, recording what it decides
-        sources = clip_tokens[:, offset]
-        cost = inter_frame_cost(cfg, sources, anchors, offset)
-        uniform = torch.full_like(cost[:, :, 0], -math.log(a))
-        plan = sinkhorn(cost, uniform, uniform)
-        assignment = plan / plan.sum(-1, keepdim=True)
-        confidence = assignment.amax(-1)
-        keep_mask = torch.ones_like(confidence)
-        if cfg.keep:
-            chosen = top_k_raster(cfg.keep, -confidence)
-            keep_mask = keep_mask.scatter(1, chosen, 0.0)
-            kept_positions.append(chosen)
-            distinct[:, offset] = 1.0 - keep_mask
-        weights = assignment * keep_mask.unsqueeze(-1)                                        # [C, S, A]
-        merged[:, offset] = weights.sum(-1)
-        absorbed_mass = absorbed_mass + weights.sum(1)
-        denominator = 1.0 + cfg.lam * weights.sum(1)                                          # [C, A]
-        anchors = merge_into_anchors(cfg, anchors, sources, weights)
-        coefficients = coefficients / denominator[:, :, None, None]
-        coefficients[:, :, offset] += cfg.lam * weights.transpose(1, 2) / denominator.unsqueeze(-1)
-
-    if kept_positions:
-        kept_pos = torch.stack(kept_positions, dim=1)                                         # [C, L-1, K]
-    else:
-        kept_pos = torch.zeros(clips, length - 1, 0, dtype=torch.long)
-    later_tokens = clip_tokens[:, 1:].flatten(1, 2)
-    offsets = (torch.arange(length - 1) * a).view(1, -1, 1)
-    kept_flat = (kept_pos + offsets).flatten(1)
-    clip_cells, clip_frames = cells.reshape(clips, length, a), frame_ids.reshape(clips, length, a)
-    kept_tokens = gather_rows(later_tokens, kept_flat)
-    kept_cells = clip_cells[:, 1:].flatten(1).gather(1, kept_flat)
-    kept_frames = clip_frames[:, 1:].flatten(1).gather(1, kept_flat)
-    tokens = torch.cat([clip_tokens[:, 0], kept_tokens, anchors], dim=1).reshape(-1, hidden)
-    out_cells = torch.cat([clip_cells[:, 0], kept_cells, clip_cells[:, 0]], dim=1).reshape(-1)
-    out_frames = torch.cat([clip_frames[:, 0], kept_frames, clip_frames[:, 0]], dim=1).reshape(-1)
-    index = torch.stack([out_frames, out_cells // gp, out_cells % gp], dim=-1).to(torch.int32)
-
-    # Weight of every kept-cell token in the clip's output: keyframe cells once as themselves, distinct cells once,
-    # plus every cell's coefficient summed over the updated anchors.
-    cell_weight = coefficients.sum(1) + distinct                                              # [C, L, A]
-    cell_weight[:, 0] += 1.0
-    absorbed = torch.zeros(clips, length, a)
-    absorbed[:, 0] = absorbed_mass
-    weight = _output_weight(transport, pool_rows, cell_weight.reshape(frames, a), pooling)
-    return Trace(cfg, local, anchor_mask, transport, cells, retained, distinct.reshape(frames, a).bool(),
-                 merged.reshape(frames, a), absorbed.reshape(frames, a), weight, tokens, index)
-
-
-def _output_weight(transport: Transport, pool_rows: Tensor, cell_weight: Tensor, pooling: Tensor) -> Tensor:
+def output_weight(trace: ReductionTrace) -> Tensor:
     """[T, N]: Σ_a cell_weight[t, a] · (coefficient of token i in kept cell a), through `pool_retained` itself —
     it is linear in the tokens, so its gradient for one scalar channel is exactly that sum — divided by the mean
     token's weight in the unreduced output (every pooled cell once: P / N). Not by each token's own weight: the
     bilinear 27->14 pooling gives some token rows 7 % of others' weight, and a pruned token's share comes from its
     anchor's pooling weight, not its own, so a per-token ratio would mostly draw the pooling's pattern."""
+    pooling = pooling_matrix(trace.cfg)
     with torch.inference_mode(False), torch.enable_grad():          # also under a caller's inference_mode
-        transport = Transport(*(t.clone() for t in (transport.anchor_idx, transport.self_weight, transport.weights)))
-        probe = torch.zeros(pool_rows.shape[0], pooling.shape[1], 1, requires_grad=True)
-        retained = pool_retained(probe, transport, pool_rows.clone())                         # [T, A, 1]
-        (retained[..., 0] * cell_weight.clone()).sum().backward()
+        transport = Transport(*(t.detach().clone() for t in (trace.transport.anchor_idx,
+                                                             trace.transport.self_weight, trace.transport.weights)))
+        probe = torch.zeros(trace.cells.shape[0], pooling.shape[1], 1, requires_grad=True)
+        retained = pool_retained(probe, transport, pooling[trace.cells.clone()])              # [T, A, 1]
+        (retained[..., 0] * cell_output_weight(trace).clone()).sum().backward()
     return probe.grad[..., 0].detach() * (pooling.shape[1] / pooling.shape[0])
 
 
@@ -277,7 +156,7 @@ def layout_for(cfg: AOTConfig, rows: list[list[int]], tile: int) -> Layout:
     return Layout(tile, origins, width, y + FOOTER)
 
 
-def render_overlay(trace: Trace, frames_rgb: np.ndarray, title: list[str], frames_shown: int | None = 8,
+def render_overlay(trace: ReductionTrace, frames_rgb: np.ndarray, title: list[str], frames_shown: int | None = 8,
                    tile: int | None = None) -> tuple[Image.Image, Layout]:
     """The picture (RGB) and where its tiles are. `frames_rgb` [T, S, S, 3] uint8, the frames the tower saw."""
     cfg = trace.cfg
@@ -290,8 +169,9 @@ def render_overlay(trace: Trace, frames_rgb: np.ndarray, title: list[str], frame
     draw = ImageDraw.Draw(image)
     small, medium, large = _font(13), _font(15), _font(19)
     g, gp = cfg.grid, cfg.pooled_grid
-    weight = trace.output_weight.numpy()
-    keyframes = trace.keyframes
+    weight = output_weight(trace).numpy()
+    keyframes, distinct_cells = trace.keyframes, trace.distinct
+    local, global_ = trace.anchors
 
     for line, text in enumerate(title):
         draw.text((GAP + 2, 8 + line * 22), text, fill=TEXT if line else (255, 255, 255),
@@ -318,17 +198,17 @@ def render_overlay(trace: Trace, frames_rgb: np.ndarray, title: list[str], frame
                 for cell in cells:
                     draw.rectangle(layout.cell_box(frame, cell, gp), outline=KEY_CELL_COLOUR, width=1)
             else:
-                for cell, distinct in zip(cells, trace.distinct[frame].tolist()):
+                for cell, distinct in zip(cells, distinct_cells[frame].tolist()):
                     if distinct:
                         draw.rectangle(layout.cell_box(frame, cell, gp), outline=DISTINCT_COLOUR, width=2)
-            for mask, colour in ((trace.global_[frame], GLOBAL_COLOUR), (trace.local[frame], LOCAL_COLOUR)):
+            for mask, colour in ((global_[frame], GLOBAL_COLOUR), (local[frame], LOCAL_COLOUR)):
                 for token in torch.nonzero(mask).flatten().tolist():
                     cx, cy = layout.token_centre(frame, token, g)
                     draw.ellipse((cx - DOT_RADIUS, cy - DOT_RADIUS, cx + DOT_RADIUS, cy + DOT_RADIUS),
                                  fill=colour, outline=(0, 0, 0))
             if is_key:
                 draw.rectangle((ox - 3, oy - 3, ox + tile + 2, oy + tile + 2), outline=KEY_COLOUR, width=3)
-            n_distinct = int(trace.distinct[frame].sum())
+            n_distinct = int(distinct_cells[frame].sum())
             tag = (f"t={frame} KEYFRAME: {len(cells)} cells" if is_key and cfg.inter_frame
                    else f"t={frame}: {len(cells)} cells" if is_key
                    else f"t={frame}: +{n_distinct} distinct, {len(cells) - n_distinct} merged")
@@ -375,7 +255,7 @@ def _legend(draw: ImageDraw.ImageDraw, layout: Layout, cfg: AOTConfig, small, me
 
 
 # ---- the command's library function -------------------------------------------------------------------------------
-def video_trace(adapter: ModelAdapter, video: str | os.PathLike, cfg: AOTConfig) -> tuple[np.ndarray, Trace]:
+def video_trace(adapter: ModelAdapter, video: str | os.PathLike, cfg: AOTConfig) -> tuple[np.ndarray, ReductionTrace]:
     """Decode and preprocess `cfg.frames` frames of `video` as the runtime does, encode them with the adapter and
     trace the reduction. Returns the frames at the model's input size (uint8 RGB) and the trace."""
     adapter.check_fits(cfg)
@@ -386,7 +266,7 @@ def video_trace(adapter: ModelAdapter, video: str | os.PathLike, cfg: AOTConfig)
     shown = np.stack([np.asarray(Image.fromarray(f).resize((prep.size, prep.size), resample=resample))
                       for f in frames])
     features, shallow, deep = adapter.encode(cfg, pixels)
-    return shown, trace_reduction(cfg, features, shallow, deep)
+    return shown, AOTReducer(cfg).trace(features, shallow, deep)
 
 
 def is_random(adapter: ModelAdapter) -> bool:

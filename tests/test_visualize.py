@@ -48,18 +48,19 @@ def picture(adapter, clip, traced, tmp_path_factory):
                                  AOTConfig(frames=4, clip_len=1)])
 def test_trace_is_the_reducer(traced, cfg):
     features, shallow, deep = (x[:cfg.frames] for x in traced[2])
-    trace = traced[1] if cfg == CFG else viz.trace_reduction(cfg, features, shallow, deep)
+    trace = traced[1] if cfg == CFG else AOTReducer(cfg).trace(features, shallow, deep)
     tokens, index = AOTReducer(cfg)(features, shallow, deep)
     assert torch.equal(trace.tokens, tokens) and torch.equal(trace.index, index)
     anchors, cells = AOTReducer(cfg).select(shallow, deep)
-    assert torch.equal(trace.anchors, anchors) and torch.equal(trace.cells, cells)
-    assert (trace.local.sum(1) == cfg.windows ** 2 * cfg.local_per_window).all()
-    assert (trace.global_.sum(1) == cfg.global_anchors).all()
+    assert torch.equal(trace.anchors.union, anchors) and torch.equal(trace.cells, cells)
+    assert not (trace.anchors.local & trace.anchors.global_).any()
+    assert (trace.anchors.local.sum(1) == cfg.windows ** 2 * cfg.local_per_window).all()
+    assert (trace.anchors.global_.sum(1) == cfg.global_anchors).all()
     # The output weight map is the reduction's linear map summed over output tokens:
     # Σ_out tokens = Σ_{t,i} weight[t,i] · x[t,i] · P/N (the map is normalised by the mean token's weight).
     scale = cfg.cells_per_frame / cfg.tokens_per_frame
     lhs = tokens.double().sum(0)
-    rhs = (trace.output_weight.double().unsqueeze(-1) * features.double()).sum((0, 1)) * scale
+    rhs = (viz.output_weight(trace).double().unsqueeze(-1) * features.double()).sum((0, 1)) * scale
     assert torch.allclose(lhs, rhs, atol=1e-4 * lhs.abs().max())
     if cfg.inter_frame:
         later = ~trace.keyframes
@@ -96,7 +97,8 @@ def test_category_colours_where_masks_say(picture):
     layout = viz.layout_for(CFG, viz.shown_frames(CFG, None), info["tile"])
     g, gp = CFG.grid, CFG.pooled_grid
     for frame in (0, 1, 5):
-        for mask, colour in ((trace.local[frame], viz.LOCAL_COLOUR), (trace.global_[frame], viz.GLOBAL_COLOUR)):
+        for mask, colour in ((trace.anchors.local[frame], viz.LOCAL_COLOUR),
+                             (trace.anchors.global_[frame], viz.GLOBAL_COLOUR)):
             checked = 0
             for token in torch.nonzero(mask).flatten().tolist():
                 x, y = layout.token_centre(frame, token, g)
@@ -105,13 +107,13 @@ def test_category_colours_where_masks_say(picture):
                     checked += 1
             assert checked > 10
     # No anchor colour where there is no anchor (token centres far from every anchor dot).
-    anchors = torch.nonzero(trace.anchors[2]).flatten().tolist()
+    anchors = torch.nonzero(trace.anchors.union[2]).flatten().tolist()
     free = [t for t in range(g * g) if all(abs(t // g - a // g) + abs(t % g - a % g) > 1 for a in anchors)]
     for token in free[:50]:
         x, y = layout.token_centre(2, token, g)
         assert tuple(pixels[int(y), int(x)]) not in (viz.LOCAL_COLOUR, viz.GLOBAL_COLOUR)
 
-    dots = {f: [layout.token_centre(f, t, g) for t in torch.nonzero(trace.anchors[f]).flatten().tolist()]
+    dots = {f: [layout.token_centre(f, t, g) for t in torch.nonzero(trace.anchors.union[f]).flatten().tolist()]
             for f in range(CFG.frames)}
 
     def outline_colour_seen(frame, cell, colour):
@@ -193,6 +195,7 @@ def test_trace_works_under_inference_mode():
     cfg = AOTConfig(frames=4)
     features, shallow, deep = random_inputs(cfg, 32)
     with torch.inference_mode():
-        inside = viz.trace_reduction(cfg, features, shallow, deep)
-    outside = viz.trace_reduction(cfg, features, shallow, deep)
-    assert torch.equal(inside.output_weight, outside.output_weight) and torch.equal(inside.tokens, outside.tokens)
+        inside = AOTReducer(cfg).trace(features, shallow, deep)
+        inside_weight = viz.output_weight(inside)
+    outside = AOTReducer(cfg).trace(features, shallow, deep)
+    assert torch.equal(inside_weight, viz.output_weight(outside)) and torch.equal(inside.tokens, outside.tokens)

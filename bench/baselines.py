@@ -25,8 +25,9 @@ Baselines:
   tokens to the two sides), merging the most similar pairs with size-weighted averages, round after round, down to
   exactly `n` (across frames and positions: the most favourable setting for ToMe).
 
-AOT and its ablations (AOT_SPEC §6), composed from the reducer's own functions (`runtime.visualize.trace_reduction`,
-whose default composition equals `AOTReducer`, tested); every ablation keeps V anchors, A cells, K distinct tokens:
+AOT and its ablations (AOT_SPEC §6), through the reducer's own trace entry point with its study options
+(`AOTReducer.trace(..., anchors=, transport_cfg=, inter_frame=)`); every ablation keeps V anchors, A cells,
+K distinct tokens:
 - `aot`: `AOTReducer(cfg)`.
 - `aot_no_local`: all V anchors by the deep score (no windowed shallow-score anchors).
 - `aot_no_global`: all V anchors local: V // W² per window by the shallow score, the remainder by the shallow score
@@ -47,8 +48,7 @@ import torch
 from torch import Tensor
 
 from aot_export import AOTConfig, AOTReducer
-from aot_export.reducer import cosine, pool_grid, top_k_mask, window_table
-from runtime.visualize import local_anchor_mask, trace_reduction
+from aot_export.reducer import AnchorMasks, anchor_masks, cosine, pool_grid, top_k_mask, window_table
 
 Method = Callable[[AOTConfig, Tensor, Tensor, Tensor], Tensor]
 
@@ -194,30 +194,30 @@ def aot(cfg: AOTConfig, features: Tensor, score_shallow: Tensor, score_deep: Ten
 
 
 def aot_no_local(cfg: AOTConfig, features: Tensor, score_shallow: Tensor, score_deep: Tensor) -> Tensor:
-    anchors = top_k_mask(cfg.anchors, score_deep.float())
-    return trace_reduction(cfg, features, score_shallow, score_deep, anchor_mask=anchors).tokens
+    deep = top_k_mask(cfg.anchors, score_deep.float())
+    anchors = AnchorMasks(torch.zeros_like(deep), deep)
+    return AOTReducer(cfg).trace(features, score_shallow, score_deep, anchors=anchors).tokens
 
 
-def local_only_anchors(cfg: AOTConfig, score_shallow: Tensor) -> Tensor:
-    """[T, N]: V anchors by the shallow score alone: V // W² per window, the remainder among the rest."""
+def local_only_anchors(cfg: AOTConfig, score_shallow: Tensor) -> AnchorMasks:
+    """V anchors by the shallow score alone, all local: V // W² per window, the remainder among the rest (the
+    reducer's selection with the shallow score in place of the deep one)."""
     shallow = score_shallow.float()
     per_window = cfg.anchors // cfg.windows ** 2
-    mask = local_anchor_mask(cfg, window_table(cfg.grid, cfg.windows), shallow, per_window)
-    remainder = cfg.anchors - cfg.windows ** 2 * per_window
-    if remainder:
-        rest = torch.where(mask, torch.full_like(shallow, torch.finfo(shallow.dtype).min), shallow)
-        mask = mask | top_k_mask(remainder, rest)
-    return mask
+    windowed, rest = anchor_masks(cfg, window_table(cfg.grid, cfg.windows), shallow, shallow,
+                                  global_anchors=cfg.anchors - cfg.windows ** 2 * per_window,
+                                  local_per_window=per_window)
+    return AnchorMasks(windowed | rest, torch.zeros_like(rest))
 
 
 def aot_no_global(cfg: AOTConfig, features: Tensor, score_shallow: Tensor, score_deep: Tensor) -> Tensor:
     anchors = local_only_anchors(cfg, score_shallow)
-    return trace_reduction(cfg, features, score_shallow, score_deep, anchor_mask=anchors).tokens
+    return AOTReducer(cfg).trace(features, score_shallow, score_deep, anchors=anchors).tokens
 
 
 def aot_no_intra_ot(cfg: AOTConfig, features: Tensor, score_shallow: Tensor, score_deep: Tensor) -> Tensor:
     frozen = dataclasses.replace(cfg, alpha=0.0, lam=0.0)
-    return trace_reduction(cfg, features, score_shallow, score_deep, transport_cfg=frozen).tokens
+    return AOTReducer(cfg).trace(features, score_shallow, score_deep, transport_cfg=frozen).tokens
 
 
 def uniform_keep_positions(cfg: AOTConfig) -> Tensor:
@@ -232,7 +232,7 @@ def uniform_keep_positions(cfg: AOTConfig) -> Tensor:
 
 
 def aot_no_inter_ot(cfg: AOTConfig, features: Tensor, score_shallow: Tensor, score_deep: Tensor) -> Tensor:
-    trace = trace_reduction(cfg, features, score_shallow, score_deep, inter_frame=False)
+    trace = AOTReducer(cfg).trace(features, score_shallow, score_deep, inter_frame=False)
     if not cfg.inter_frame:
         return trace.tokens
     hidden = features.shape[-1]
@@ -244,8 +244,9 @@ def aot_no_inter_ot(cfg: AOTConfig, features: Tensor, score_shallow: Tensor, sco
 def aot_random_anchors(cfg: AOTConfig, features: Tensor, score_shallow: Tensor, score_deep: Tensor,
                        seed: int = 0) -> Tensor:
     generator = torch.Generator().manual_seed(seed)
-    anchors = top_k_mask(cfg.anchors, torch.rand(score_deep.shape, generator=generator))
-    return trace_reduction(cfg, features, score_shallow, score_deep, anchor_mask=anchors).tokens
+    chosen = top_k_mask(cfg.anchors, torch.rand(score_deep.shape, generator=generator))
+    anchors = AnchorMasks(torch.zeros_like(chosen), chosen)          # neither role: drawn as global
+    return AOTReducer(cfg).trace(features, score_shallow, score_deep, anchors=anchors).tokens
 
 
 BASELINES: dict[str, Method] = {

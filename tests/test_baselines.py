@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from aot_export import AOTConfig, AOTReducer
 from aot_export.reducer import pool_grid
 from conftest import random_inputs
-from runtime.visualize import trace_reduction
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import baselines as B  # noqa: E402
@@ -146,14 +145,15 @@ def test_aot_is_the_reducer_and_ablations_change_what_they_say(inputs):
         assert not torch.allclose(B.METHODS[name](cfg, features, shallow, deep), tokens), name
 
     # No intra-frame OT: the kept cells are the plain pooled tokens.
-    frozen = trace_reduction(cfg, features, shallow, deep,
-                             transport_cfg=AOTConfig(**{**cfg.to_dict(), "alpha": 0.0, "lam": 0.0}))
+    frozen = AOTReducer(cfg).trace(features, shallow, deep,
+                                   transport_cfg=AOTConfig(**{**cfg.to_dict(), "alpha": 0.0, "lam": 0.0}))
     pooled = pool_grid(cfg, features)
     assert torch.allclose(frozen.retained, pooled.gather(1, frozen.cells.unsqueeze(-1).expand(-1, -1, HIDDEN)),
                           atol=1e-6)
     # Anchor sets: no-local = top-V by deep score; no-global = V by the shallow score, windowed; both V per frame.
-    local_only = B.local_only_anchors(cfg, shallow)
-    assert (local_only.sum(1) == cfg.anchors).all()
+    masks = B.local_only_anchors(cfg, shallow)
+    local_only = masks.local
+    assert not masks.global_.any() and (local_only.sum(1) == cfg.anchors).all()
     per_window = cfg.anchors // cfg.windows ** 2
     window_counts = local_only.view(cfg.frames, 3, 9, 3, 9).sum((2, 4))
     assert (window_counts >= per_window).all()
@@ -161,7 +161,7 @@ def test_aot_is_the_reducer_and_ablations_change_what_they_say(inputs):
     no_inter = B.aot_no_inter_ot(cfg, features, shallow, deep).view(cfg.clips, cfg.tokens_per_clip, HIDDEN)
     aot_clips = tokens.view(cfg.clips, cfg.tokens_per_clip, HIDDEN)
     assert torch.equal(no_inter[:, : cfg.pooled_anchors], aot_clips[:, : cfg.pooled_anchors])
-    retained = trace_reduction(cfg, features, shallow, deep, inter_frame=False).retained
+    retained = AOTReducer(cfg).trace(features, shallow, deep, inter_frame=False).retained
     later = retained.view(cfg.clips, cfg.clip_len, cfg.pooled_anchors, HIDDEN)[:, 1:].reshape(cfg.clips, -1, HIDDEN)
     assert all((later[c] == row).all(-1).any() for c in range(cfg.clips) for row in no_inter[c, cfg.pooled_anchors:])
 

@@ -1,5 +1,6 @@
 """Structural invariants of AOTReducer that hold for any input: shapes, output layout, what each stage may and
-may not touch, window quotas, tie-breaking, determinism and numerical robustness (AOT_SPEC §1–§4)."""
+may not touch, window quotas, tie-breaking, determinism, numerical robustness (AOT_SPEC §1–§4), and that the
+trace's recorded decisions are the ones the output is made of."""
 
 import dataclasses
 
@@ -8,7 +9,7 @@ import torch
 from conftest import random_inputs
 
 from aot_export import AOTConfig, AOTReducer
-from aot_export.reducer import select_anchors
+from aot_export.reducer import AnchorMasks, anchor_masks, select_anchors
 
 # name: (config, hidden width)
 CONFIGS = {
@@ -119,6 +120,67 @@ def test_inter_frame_keeps_keyframe_and_distinct_tokens(name):
         assert not torch.allclose(anchors, by_frame_tokens[key_frame], atol=1e-6, rtol=0)
 
 
+# ---- the trace is what the output is made of ------------------------------------------------------------------------
+@pytest.mark.parametrize("name", CONFIGS)
+def test_trace_records_the_decisions_behind_the_output(name):
+    cfg, hidden, inputs, (tokens, index) = reduced(name)
+    trace = AOTReducer(cfg).trace(*inputs)
+    assert torch.equal(trace.tokens, tokens) and torch.equal(trace.index, index)
+    clips, length, a, k = cfg.clips, cfg.clip_len, cfg.pooled_anchors, cfg.keep
+    anchors = trace.anchors.union
+    assert not (trace.anchors.local & trace.anchors.global_).any()
+    assert trace.anchor_idx.shape == (cfg.frames, cfg.anchors) and (trace.anchor_idx.diff(dim=1) > 0).all()
+    assert torch.equal(torch.zeros_like(anchors).scatter(1, trace.anchor_idx, True), anchors)
+    inter = trace.inter
+    assert inter.assignment.shape == inter.merge_weights.shape == (clips, length - 1, a, a)
+    assert inter.kept.shape == (clips, length - 1, k) and inter.anchors.shape == (clips, a, hidden)
+    assert torch.allclose(inter.assignment.sum(-1), torch.ones(clips, length - 1, a), atol=1e-5)
+    # Each step keeps its K least confident cells and merges the others with their assignment rows.
+    kept = torch.zeros(clips, length - 1, a, dtype=torch.bool).scatter(2, inter.kept, True)
+    assert (kept.sum(-1) == k).all() and torch.equal(trace.distinct.view(clips, length, a)[:, 1:], kept)
+    assert not trace.distinct.view(clips, length, a)[:, 0].any()
+    confidence = inter.assignment.amax(-1)
+    if k:
+        most_confident_kept = confidence.masked_fill(~kept, -1.0).amax(-1)
+        least_confident_merged = confidence.masked_fill(kept, 2.0).amin(-1)
+        assert (most_confident_kept <= least_confident_merged).all()
+    assert torch.equal(inter.merge_weights, inter.assignment * ~kept.unsqueeze(-1))
+    # Per clip: the keyframe's retained cells, the kept cells' retained tokens, the updated anchors.
+    out = tokens.view(clips, cfg.tokens_per_clip, hidden)
+    retained = trace.retained.view(clips, length, a, hidden)
+    assert torch.equal(out[:, :a], retained[:, 0])
+    later = retained[:, 1:].gather(2, inter.kept.unsqueeze(-1).expand(-1, -1, -1, hidden)).flatten(1, 2)
+    assert torch.equal(out[:, a:a + (length - 1) * k], later)
+    assert torch.equal(out[:, a + (length - 1) * k:], inter.anchors)
+    cells = trace.cells.view(clips, length, a)
+    assert torch.equal(raster(index, cfg).view(clips, -1)[:, :a], cells[:, 0])
+
+
+@pytest.mark.parametrize("name", ["g9-bilinear", "g12-no-keep", "g27-default"])
+def test_trace_options(name):
+    cfg, _, inputs, (tokens, index) = reduced(name)
+    module = AOTReducer(cfg)
+    # The default selection passed back in is the reduction; a count that differs between frames is refused.
+    same = module.trace(*inputs, anchors=anchor_masks(cfg, module.windows, *inputs[1:]))
+    assert torch.equal(same.tokens, tokens) and torch.equal(same.index, index)
+    local, global_ = anchor_masks(cfg, module.windows, *inputs[1:])
+    uneven = global_.clone()
+    uneven[0, torch.nonzero(global_[0])[0]] = False
+    with pytest.raises(ValueError, match="same number"):
+        module.trace(*inputs, anchors=AnchorMasks(local, uneven))
+    # Without the inter-frame stage: every frame's kept cells, as the same reduction in clips of one frame.
+    flat_tokens, flat_index = run(dataclasses.replace(cfg, clip_len=1), *inputs)
+    flat = module.trace(*inputs, inter_frame=False)
+    assert flat.inter is None and flat.keyframes.all() and not flat.distinct.any()
+    assert torch.equal(flat.tokens, flat_tokens) and torch.equal(flat.index, flat_index)
+    # A transport with lam = alpha = 0 leaves the anchors as they are: the kept cells are plainly pooled.
+    frozen = module.trace(*inputs, transport_cfg=dataclasses.replace(cfg, alpha=0.0, lam=0.0))
+    assert torch.equal(frozen.cells, flat.cells)
+    pooled = module.pooling[frozen.cells] @ inputs[0]
+    assert torch.allclose(frozen.retained, pooled, atol=1e-6)
+    assert not torch.allclose(flat.retained, pooled, atol=1e-6)
+
+
 # ---- window quotas ----------------------------------------------------------------------------------------------------
 def window_members(module):
     n = module.cfg.tokens_per_frame
@@ -133,6 +195,7 @@ def test_window_quotas(name):
     assert len(members) == cfg.windows ** 2
     assert sorted(i for m in members for i in m) == list(range(cfg.tokens_per_frame))  # a partition
     mask = select_anchors(cfg, module.windows, shallow, deep)
+    roles = anchor_masks(cfg, module.windows, shallow, deep)
     assert mask.shape == (cfg.frames, cfg.tokens_per_frame) and mask.dtype == torch.bool
     assert (mask.sum(1) == cfg.anchors).all()
     for frame in range(cfg.frames):
@@ -149,6 +212,10 @@ def test_window_quotas(name):
         want = torch.zeros(cfg.tokens_per_frame, dtype=torch.bool)
         want[sorted(local | set(rest))] = True
         assert torch.equal(mask[frame], want)
+        # The roles: the windows' picks are the local anchors, the rest the global ones.
+        want_local = torch.zeros(cfg.tokens_per_frame, dtype=torch.bool)
+        want_local[sorted(local)] = True
+        assert torch.equal(roles.local[frame], want_local) and torch.equal(roles.global_[frame], want & ~want_local)
 
 
 @pytest.mark.parametrize("name", ["g9-bilinear", "g11-uneven", "g27-default"])

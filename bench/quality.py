@@ -8,7 +8,7 @@ see without reduction (every frame pooled as the VLM pools it, T·P tokens):
 1. `readout_err`: the relative L2 error of the LLM's first decoder layer at the text positions after the video.
    The sequence is the model's chat prompt around one video, as `runtime.prompt` assembles it (the adapter's
    tokenizer and chat template: the user turn, the visual tokens, LLaVA-OneVision's newline token, the question
-   and the assistant header); layer 0 of the LLM (`model.model.language_model.layers[0]`, with its rotary position
+   and the assistant header); layer 0 of the LLM (`adapter.decoder()[0].layers[0]`, with its rotary position
    embeddings and the causal mask) is run for the text after the video, attending over everything before it. The
    figure is ‖Δ_reduced − Δ_full‖ / ‖Δ_full‖ over those positions of three fixed questions, where Δ is the layer's
    update (output − input): the residual input is identical in both runs and would only dilute the error. Visual
@@ -148,10 +148,12 @@ class Readout:
 def prompt_embeddings(adapter: ModelAdapter, seed: int = 0) -> tuple[list[tuple[Tensor, Tensor]], str]:
     """(prefix, suffix) embeddings around the video for each question, and how they were made: the adapter's
     tokenizer and chat template (`runtime.prompt.chat_ids`, as the runtime prompts the model), else fixed seeded
-    token ids (no image/video ids)."""
-    embed = adapter.model.model.language_model.embed_tokens
+    token ids (not the video placeholder)."""
+    def embed(ids: Tensor) -> Tensor:
+        return adapter.embed_tokens(ids.unsqueeze(0))[0]
+
     with torch.no_grad():
-        tokenizer = getattr(adapter, "tokenizer", None)
+        tokenizer = adapter.tokenizer
         if tokenizer is not None and getattr(tokenizer, "chat_template", None):
             from runtime.prompt import chat_ids
 
@@ -161,9 +163,9 @@ def prompt_embeddings(adapter: ModelAdapter, seed: int = 0) -> tuple[list[tuple[
                 at = ids.index(adapter.video_token_id)
                 prompts.append((embed(torch.tensor(ids[:at])).float(), embed(torch.tensor(ids[at + 1:])).float()))
             return prompts, "chat template"
-        config = adapter.model.config
-        special = {getattr(config, "image_token_index", None), getattr(config, "video_token_index", None)}
-        allowed = torch.tensor([i for i in range(embed.num_embeddings) if i not in special])
+        _, lm_head = adapter.decoder()
+        vocabulary = lm_head(torch.zeros(1, adapter.info.hidden)).shape[-1]
+        allowed = torch.tensor([i for i in range(vocabulary) if i != adapter.video_token_id])
         g = torch.Generator().manual_seed(seed)
         pick = lambda n: allowed[torch.randint(len(allowed), (n,), generator=g)]  # noqa: E731
         return [(embed(pick(SEEDED_PREFIX)).float(), embed(pick(SEEDED_QUESTION)).float())
@@ -172,9 +174,8 @@ def prompt_embeddings(adapter: ModelAdapter, seed: int = 0) -> tuple[list[tuple[
 
 def layer_readout(adapter: ModelAdapter, seed: int = 0) -> Readout:
     prompts, text = prompt_embeddings(adapter, seed)
-    newline = getattr(adapter.model.model, "image_newline", None)
-    return Readout(adapter.model.model.language_model.eval(), prompts,
-                   None if newline is None else newline.detach().float(), text)
+    language_model, _ = adapter.decoder()
+    return Readout(language_model.eval(), prompts, adapter.image_newline.detach().float(), text)
 
 
 def relative_error(actual: Tensor, reference: Tensor) -> float:

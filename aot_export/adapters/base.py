@@ -37,41 +37,100 @@ def config_hash(config: dict[str, Any]) -> str:
 
 
 class ModelAdapter(ABC):
-    """One VLM family: how to load it, its preprocessing, and frames → (tokens, index) as a static module."""
+    """One VLM family: the contract the exporter, the validator, the runtime and the benchmarks rely on, and all
+    they may use of an adapter (tests/test_adapter_contract.py checks that every `adapter.<name>` in aot_export/,
+    runtime/ and bench/ is declared here). A new family implements every abstract member; `example_frames` and
+    `check_fits` work from `info` as they are.
+
+    Shapes: T frames of S×S pixels (S = `info.image_size`), G×G = N tokens per frame (G = `info.grid`), P pooled
+    cells per frame, H = `info.hidden` (the LLM's width), L text positions, V the LLM's vocabulary.
+    """
 
     model_type: ClassVar[str]
+    """The Hugging Face `model_type` this adapter is chosen by (the key in `aot_export.adapters.ADAPTERS`)."""
 
-    info: ModelInfo
-    preprocessing: Preprocessing
-
+    # ---- identity and input ----------------------------------------------------------------------------------
     @classmethod
     @abstractmethod
     def from_checkpoint(cls, directory: Path) -> "ModelAdapter":
-        """Load a local Hugging Face checkpoint directory (never downloads)."""
+        """Load a local Hugging Face checkpoint directory (never downloads); a bad one raises `InputError`."""
 
+    @property
+    @abstractmethod
+    def info(self) -> ModelInfo:
+        """Identity of the model (written into manifests) and its token grid, input size and LLM width."""
+
+    @property
+    @abstractmethod
+    def preprocessing(self) -> Preprocessing:
+        """How decoded RGB frames become the tower's input [T, 3, S, S] (size, resampling, mean, std)."""
+
+    # ---- vision side (export, validation, studies) --------------------------------------------------------------
     @abstractmethod
     def vision_aot(self, cfg: AOTConfig) -> nn.Module:
-        """The exported module: frames [T, 3, S, S] → tokens [n, H], index [n, 3]."""
+        """The exported module: frames [T, 3, S, S] float32 → tokens [cfg.output_tokens, H], index
+        [cfg.output_tokens, 3] int32 (frame, row, col on the pooled grid), through tower, projector and
+        `AOTReducer(cfg)`; its top-level submodules are named as `aot_export.onnx_scopes` expects."""
 
+    @abstractmethod
     def encode(self, cfg: AOTConfig, frames: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """What the reducer reads, without reducing: features [T, N, H], score_shallow, score_deep [T, N]
-        (for studies and pictures of the reduction)."""
-        with torch.inference_mode():
-            return self.vision_aot(cfg).encode(frames)
+        """What the reducer reads, without reducing: projected features [T, N, H], score_shallow and score_deep
+        [T, N] (attention each token receives, AOT_SPEC §0), as `vision_aot(cfg)` computes them (for studies and
+        pictures of the reduction: `AOTReducer(cfg).trace(*adapter.encode(cfg, frames))`)."""
 
     @abstractmethod
     def reference(self, cfg: AOTConfig, frames: Tensor) -> tuple[Tensor, Tensor]:
-        """The PyTorch reference on the same frames, through the library's own attention (eager, weights
-        returned by Hugging Face) rather than the exported score computation."""
+        """The PyTorch reference of `vision_aot(cfg)(frames)`: (tokens, index) as it returns them, with the scores
+        taken from the library's own attention (eager, weights returned by Hugging Face) rather than the exported
+        score computation."""
 
     def example_frames(self, frames: int, seed: int = 0) -> Tensor:
+        """[frames, 3, S, S] seeded random input (tracing, smoke tests)."""
         g = torch.Generator().manual_seed(seed)
         size = self.info.image_size
         return torch.randn(frames, 3, size, size, generator=g)
 
     def check_fits(self, cfg: AOTConfig) -> None:
-        """A config must be solved for this model's grid."""
+        """A config must be solved for this model's grid; raises `InputError` naming the grid to use."""
         if cfg.grid != self.info.grid:
             raise InputError(f"the AOT config has grid={cfg.grid} but {self.info.model_id} gives a "
                              f"{self.info.grid}×{self.info.grid} grid per frame; solve the config with "
                              f"grid={self.info.grid}")
+
+    @abstractmethod
+    def full_video_features(self, frames: Tensor) -> Tensor:
+        """[T·P + 1, H]: every visual token the LLM receives for `frames` [T, 3, S, S] without AOT (the
+        library's own video path), the video's closing vector (`image_newline`) last."""
+
+    # ---- language side (runtime) ----------------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def tokenizer(self) -> Any:
+        """The checkpoint's tokenizer (a transformers tokenizer carrying its chat template, `eos_token_id`,
+        `decode`), or None when the checkpoint has none (the runtime then refuses prompts with `InputError`)."""
+
+    @property
+    @abstractmethod
+    def video_token_id(self) -> int:
+        """The id of the chat template's video placeholder: the runtime replaces it with the visual tokens and
+        `image_newline`."""
+
+    @property
+    @abstractmethod
+    def image_newline(self) -> Tensor:
+        """[H]: the vector the LLM receives after a video's visual tokens (its width is the LLM's)."""
+
+    @abstractmethod
+    def embed_tokens(self, ids: Tensor) -> Tensor:
+        """Token ids [B, L] int64 → the LLM's input embeddings [B, L, H]."""
+
+    @abstractmethod
+    def decoder(self) -> tuple[nn.Module, nn.Module]:
+        """(the LLM's decoder stack, its lm_head): the stack is called as `stack(inputs_embeds=[B, L, H],
+        cache=..., use_cache=True, position_ids=...)` and returns `.last_hidden_state` [B, L, H]; the lm_head maps
+        [B, H] to logits [B, V]."""
+
+    @abstractmethod
+    def save_language_model(self, directory: Path) -> Path:
+        """Write the LLM alone as a Hugging Face causal-LM checkpoint (config, safetensors, tokenizer when there is
+        one) into `directory`, the input of onnxruntime-genai's model builder; returns `directory`."""

@@ -159,14 +159,22 @@ class LlavaOnevisionAdapter(ModelAdapter):
                              f"{config.vision_feature_select_strategy!r} drops a token from a grid without [CLS]; "
                              "only 'full' (LLaVA-OneVision's) is supported")
         self.model = model.eval()
-        self.preprocessing = preprocessing
+        self._preprocessing = preprocessing
         self.feature_layer = config.vision_feature_layer
         self.score_layers = self._score_layers(model_id, vision.num_hidden_layers, self.feature_layer)
-        self.info = ModelInfo(model_id=model_id, model_type=self.model_type,
-                              config_hash=config_hash(config.to_dict()), grid=vision.image_size // vision.patch_size,
-                              image_size=vision.image_size, hidden=config.text_config.hidden_size)
+        self._info = ModelInfo(model_id=model_id, model_type=self.model_type,
+                               config_hash=config_hash(config.to_dict()), grid=vision.image_size // vision.patch_size,
+                               image_size=vision.image_size, hidden=config.text_config.hidden_size)
         self._eager_tower: nn.Module | None = None
-        self.tokenizer = tokenizer
+        self._tokenizer = tokenizer
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._info
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return self._preprocessing
 
     @staticmethod
     def _score_layers(model_id: str, layers: int, feature_layer: int | list[int]) -> tuple[int, int]:
@@ -211,6 +219,10 @@ class LlavaOnevisionAdapter(ModelAdapter):
         return VisionAOT(self.model.model.vision_tower, self.model.model.multi_modal_projector, self.feature_layer,
                          self.score_layers, cfg).eval()
 
+    def encode(self, cfg: AOTConfig, frames: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        with torch.inference_mode():
+            return self.vision_aot(cfg).encode(frames)
+
     @torch.inference_mode()
     def reference(self, cfg: AOTConfig, frames: Tensor) -> tuple[Tensor, Tensor]:
         self.check_fits(cfg)
@@ -228,6 +240,10 @@ class LlavaOnevisionAdapter(ModelAdapter):
         return AOTReducer(cfg)(torch.cat(features), torch.cat(shallow), torch.cat(deep))
 
     # ---- language side (runtime) -----------------------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
     @property
     def video_token_id(self) -> int:
         return self.model.config.video_token_index

@@ -275,10 +275,11 @@ def inter_frame_transport(cfg: AOTConfig, tokens: Tensor, sinkhorn: Sinkhorn | N
         assignment = plan / plan.sum(-1, keepdim=True)                                         # rows sum to 1
         confidence = assignment.amax(-1)                                                       # [C, A]
         merged = torch.ones_like(confidence)
-        distinct = torch.zeros_like(confidence[:, :0], dtype=torch.long)                       # [C, K]
         if cfg.keep:
-            distinct = top_k_raster(cfg.keep, -confidence)
+            distinct = top_k_raster(cfg.keep, -confidence)                                     # [C, K]
             merged = merged.scatter(1, distinct, 0.0)
+        else:
+            distinct = torch.zeros_like(confidence[:, :0], dtype=torch.long)
         weights = assignment * merged.unsqueeze(-1)
         anchors = merge_into_anchors(cfg, anchors, sources, weights)
         assignments.append(assignment)

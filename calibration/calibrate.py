@@ -45,8 +45,8 @@ def input_noise_floor(runner: OnnxRuntimeRunner, pixels: np.ndarray, reference: 
                       manifest: Manifest, seed: int = 0) -> dict[str, float]:
     """How stable the fp32 export's own selection is: fp32 outputs on the same frames plus Gaussian noise of
     σ = ¼ of one 8-bit pixel step after normalisation (far below what re-encoding a video does), compared with
-    `compare_outputs` (`runner`: the fp32 export's, active). A quantized graph cannot be expected to agree with fp32 better than fp32 agrees with
-    itself under such noise; a model whose attention scores are nearly flat (random weights) shows it here."""
+    `compare_outputs` (`runner`: the fp32 export's, active). A quantized graph cannot be expected to agree with
+    fp32 better than fp32 agrees with itself under such noise; a model whose attention scores are nearly flat (random weights) shows it here."""
     prep = manifest.preprocessing
     sigma = NOISE_STEP_FRACTION * prep.rescale_factor / max(prep.std)
     noisy = (pixels + np.random.default_rng(seed).normal(0.0, sigma, pixels.shape)).astype(np.float32)

@@ -1,7 +1,7 @@
 """`engine.json`: what an engine plan was built from and for; a runtime refuses a plan that does not fit.
 
-Refusals name the field that differs: the engine against its export (`onnx_sha256`, `aot_hash`, `config_hash`) and against
-this machine (`flavour`, `tensorrt_version`, `compute_capability`).
+Refusals name the field that differs: the engine against its export (`onnx_sha256`, `aot_hash`, `config_hash`) and
+against this machine (`flavour`, `tensorrt_version`, `compute_capability`).
 """
 
 from __future__ import annotations

@@ -155,3 +155,18 @@ def test_one_resolver_for_run_validate_and_visualize(tiny_export, engine_dir, ti
                      "--json", str(tmp_path / "v.json"), "--quiet"]) == EXIT_OK
         info = json.loads((tmp_path / "v.json").read_text())
         assert info["output_tokens"] == TINY_CFG.output_tokens and out.stat().st_size > 0
+
+
+def test_validate_any_backend_through_the_one_comparator(tiny_export, tmp_path):
+    """`validate --backend torch` runs the reference runner against itself (identical to the bit); the default
+    backend of an export directory is ONNX Runtime. Both reports carry the runner and its settings."""
+    clip = synthesize_clip(tmp_path / "clip.mp4", frames=10, size=96)
+    for backend, name in (("torch", "torch-reference"), (None, "onnxruntime-cpu")):
+        out = tmp_path / f"{backend}.json"
+        argv = ["validate", str(tiny_export), "--video", str(clip), "--device", "cpu", "--json", str(out), "--quiet"]
+        assert main(argv + (["--backend", backend] if backend else [])) == EXIT_OK
+        report = json.loads(out.read_text())
+        assert report["backend"] == name and report["runner"]["backend"] == (backend or "onnxruntime")
+        assert report["gates"] == VISION_GATES["fp32"].to_dict() and report["passed"]
+        if backend == "torch":
+            assert report["metrics"]["max_abs"] == 0.0 and report["metrics"]["index_agreement"] == 1.0

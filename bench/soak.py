@@ -60,19 +60,19 @@ def main() -> None:
         export = export_vision_aot(adapter, cfg, Path(work) / "export", progress=False).directory
         llm = str(build_onnx_decoder(adapter, Path(work) / "llm", progress=False)) if args.llm == "int4" \
             else args.llm
-        pipeline = Pipeline(str(export), llm=llm, adapter=adapter)
-        clips = rolling_clips(feed(cfg.frames), frames=cfg.frames, window=32, stride=16)
-        pipeline.answer_frames(next(clips), PROMPT, args.new_tokens)          # warm-up
-        before = rss_mib()
-        latencies = []
-        for i, clip in zip(range(args.clips), clips):
-            start = time.perf_counter()
-            pipeline.answer_frames(clip, PROMPT, args.new_tokens)
-            latencies.append(time.perf_counter() - start)
-            if (i + 1) % 50 == 0:
-                print(f"{i + 1} clips: RSS {rss_mib():.0f} MiB, p50 {np.percentile(latencies, 50) * 1e3:.0f} ms",
-                      flush=True)
-        after = rss_mib()
+        with Pipeline(str(export), llm=llm, adapter=adapter) as pipeline:
+            clips = rolling_clips(feed(cfg.frames), frames=cfg.frames, window=32, stride=16)
+            pipeline.answer_frames(next(clips), PROMPT, args.new_tokens)          # warm-up
+            before = rss_mib()
+            latencies = []
+            for i, clip in zip(range(args.clips), clips):
+                start = time.perf_counter()
+                pipeline.answer_frames(clip, PROMPT, args.new_tokens)
+                latencies.append(time.perf_counter() - start)
+                if (i + 1) % 50 == 0:
+                    p50 = np.percentile(latencies, 50) * 1e3
+                    print(f"{i + 1} clips: RSS {rss_mib():.0f} MiB, p50 {p50:.0f} ms", flush=True)
+            after = rss_mib()
     result = {"clips": len(latencies), "llm": args.llm, "frames": cfg.frames, "rss_before_mib": before,
               "rss_after_mib": after, "rss_growth_mib": after - before,
               "peak_rss_mib": peak_rss_mib(),

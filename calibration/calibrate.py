@@ -2,8 +2,9 @@
 vision encoder and projector of an fp32 export, calibrated on real video, with its fidelity on a held-out video.
 
 What is quantized: `calibration.qdq_graph`; how: `calibration.ort_quantize`. Fidelity: the fp32 export and the
-quantized graph run on ONNX Runtime CPU on the same preprocessed frames of a held-out video; see
-`fidelity_metrics` for the exact metric definitions and `GATES` for the floors.
+quantized graph run on ONNX Runtime CPU (`aot_export.runners.OnnxRuntimeRunner`) on the same preprocessed frames
+of a held-out video, compared by `aot_export.fidelity.compare_outputs` and gated by
+`aot_export.fidelity.VISION_GATES` for the precision (the same gates `validate` applies).
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ import numpy as np
 import onnx
 
 from aot_export.artifacts import atomic_dir, sha256_file
-from aot_export.config import AOTConfig
 from aot_export.errors import InputError
-from aot_export.fidelity import compare_tokens
+from aot_export.fidelity import VISION_GATES, Gates, compare_outputs, gate_checks
 from aot_export.manifest import GRAPH, MANIFEST, Manifest, hash_files, read_manifest
 from aot_export.preprocess import preprocess_frames
 from aot_export.progress import Stages
 from aot_export.report import format_table
+from aot_export.runners import OnnxRuntimeRunner
 from aot_export.video import decode_frames
 
 from .data import CalibrationData, expand_videos, manifest_calibration_data
@@ -36,59 +37,22 @@ from .qdq_graph import OP_TYPES, QUANTIZED_SCOPES, graph_opset, plan_quantizatio
 STAGES = ["read export", "calibration data", "prepare graph", "calibrate", "quantize", "fidelity", "manifest"]
 
 
-@dataclass(frozen=True)
-class Gates:
-    """The floors a calibrated export must meet on its held-out video (the same as runtime.validate's int8/fp8)."""
-
-    matched_cosine_min: float = 0.995
-    anchor_agreement: float = 0.98
-
-
-GATES = Gates()
-
-
 # ---- fidelity ---------------------------------------------------------------------------------------------------
-def fidelity_metrics(reference: dict[str, np.ndarray], actual: dict[str, np.ndarray], cfg: AOTConfig) -> dict:
-    """Quantized outputs (`actual`) against the fp32 export's (`reference`) on the same frames: the figures of
-    `aot_export.fidelity.compare_tokens` (tokens matched by (role, frame, row, col), so a swapped cell that
-    shifts the raster order of later tokens does not pair unrelated cells; anchor agreement set-based per
-    (role, frame) group), refused when the two outputs do not belong to the same graph."""
-    tokens_ref, tokens_act = reference["tokens"], actual["tokens"]
-    index_ref, index_act = reference["index"].astype(np.int64), actual["index"].astype(np.int64)
-    if tokens_ref.shape != tokens_act.shape or index_ref.shape != index_act.shape:
-        raise InputError(f"quantized outputs {tokens_act.shape}/{index_act.shape} differ from fp32 "
-                         f"{tokens_ref.shape}/{index_ref.shape}; the graphs do not belong together")
-    if cfg.output_tokens != len(index_ref):
-        raise InputError(f"the export has {len(index_ref)} output tokens, its config says {cfg.output_tokens}; "
-                         "re-export")
-    return compare_tokens(cfg, tokens_ref, index_ref, tokens_act, index_act)
-
-
 NOISE_STEP_FRACTION = 0.25
 
 
-def input_noise_floor(graph: Path, input_name: str, pixels: np.ndarray, reference: dict[str, np.ndarray],
+def input_noise_floor(runner: OnnxRuntimeRunner, pixels: np.ndarray, reference: dict[str, np.ndarray],
                       manifest: Manifest, seed: int = 0) -> dict[str, float]:
     """How stable the fp32 export's own selection is: fp32 outputs on the same frames plus Gaussian noise of
     σ = ¼ of one 8-bit pixel step after normalisation (far below what re-encoding a video does), compared with
-    `fidelity_metrics`. A quantized graph cannot be expected to agree with fp32 better than fp32 agrees with
-    itself under such noise; a model whose attention scores are nearly flat (random weights) shows it here."""
+    `compare_outputs` (`runner`: the fp32 export's, active). A quantized graph cannot be expected to agree with
+    fp32 better than fp32 agrees with itself under such noise; a model whose attention scores are nearly flat (random weights) shows it here."""
     prep = manifest.preprocessing
     sigma = NOISE_STEP_FRACTION * prep.rescale_factor / max(prep.std)
     noisy = (pixels + np.random.default_rng(seed).normal(0.0, sigma, pixels.shape)).astype(np.float32)
-    metrics = fidelity_metrics(reference, run_cpu(graph, {input_name: noisy}), manifest.aot)
+    metrics = compare_outputs(manifest.aot, reference, runner.run(noisy))
     return {"noise_sigma": float(sigma), "noise_matched_cosine_min": metrics["matched_cosine_min"],
             "noise_anchor_agreement": metrics["anchor_agreement"]}
-
-
-def run_cpu(graph: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """One inference on ONNX Runtime's CPU provider (default optimisations: Q/DQ pairs run as int8 kernels where
-    ORT fuses them)."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
-    names = [output.name for output in session.get_outputs()]
-    return dict(zip(names, session.run(None, feeds)))
 
 
 # ---- the command ------------------------------------------------------------------------------------------------
@@ -108,8 +72,7 @@ class CalibrationReport:
 
     @property
     def checks(self) -> dict[str, bool]:
-        return {"matched_cosine_min": self.metrics["matched_cosine_min"] >= self.gates.matched_cosine_min,
-                "anchor_agreement": self.metrics["anchor_agreement"] >= self.gates.anchor_agreement}
+        return gate_checks(self.metrics, self.gates)
 
     @property
     def passed(self) -> bool:
@@ -118,7 +81,7 @@ class CalibrationReport:
     def to_dict(self) -> dict[str, Any]:
         return {"directory": self.directory, "source": self.source, "precision": self.precision,
                 "holdout": self.holdout, "calibration": self.calibration, "quantized_nodes": self.quantized_nodes,
-                "excluded_scopes": self.excluded_scopes, "gates": dataclasses.asdict(self.gates),
+                "excluded_scopes": self.excluded_scopes, "gates": self.gates.to_dict(),
                 "metrics": self.metrics, "checks": self.checks, "passed": self.passed, "sizes": self.sizes,
                 "seconds": self.seconds}
 
@@ -126,11 +89,11 @@ class CalibrationReport:
 
         m, g, checks = self.metrics, self.gates, self.checks
         verdict = {True: "ok", False: "FAIL"}
-        rows = [("token cosine min (matched)", f"{m['matched_cosine_min']:.6f}", f">= {g.matched_cosine_min}",
+        rows = [("token cosine min (matched)", f"{m['matched_cosine_min']:.6f}", g.describe("matched_cosine_min"),
                  verdict[checks["matched_cosine_min"]]),
                 ("token cosine mean (matched)", f"{m['matched_cosine_mean']:.6f}", "", ""),
                 ("max abs error (matched)", m["matched_max_abs"], "", ""),
-                ("anchor agreement", f"{m['anchor_agreement']:.2%}", f">= {g.anchor_agreement:.0%}",
+                ("anchor agreement", f"{m['anchor_agreement']:.2%}", g.describe("anchor_agreement"),
                  verdict[checks["anchor_agreement"]]),
                 ("cell agreement (keys matched)", f"{m['cell_agreement']:.2%}", "", ""),
                 ("index agreement (position)", f"{m['index_agreement']:.2%}", "", ""),
@@ -200,6 +163,7 @@ def calibrate_export(directory: str | os.PathLike, videos: str | os.PathLike | I
         data = manifest_calibration_data(paths, manifest, clips_per_video, seed)
         held = _resolve_holdout(holdout, data)
     input_name = manifest.inputs[0].name
+    gates = VISION_GATES[precision]
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # Work files (a full-size graph is written twice more) go beside the output, not to a possibly small /tmp.
     with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.work.", dir=out_dir.parent) as tmp:
@@ -228,12 +192,14 @@ def calibrate_export(directory: str | os.PathLike, videos: str | os.PathLike | I
                     path.chmod(0o644)
             with stages.step():
                 pixels = preprocess_frames(decode_frames(held, manifest.aot.frames), manifest.preprocessing)
-                reference = run_cpu(directory / manifest.graph, {input_name: pixels})
-                actual = run_cpu(graph, {input_name: pixels})
-                metrics = fidelity_metrics(reference, actual, manifest.aot)
-                if noise_floor:
-                    metrics.update(input_noise_floor(directory / manifest.graph, input_name, pixels, reference,
-                                                     manifest, seed))
+                cpu = ["CPUExecutionProvider"]
+                with OnnxRuntimeRunner(directory / manifest.graph, cpu, input_name=input_name) as fp32:
+                    reference = fp32.run(pixels)
+                    if noise_floor:
+                        noise = input_noise_floor(fp32, pixels, reference, manifest, seed)
+                with OnnxRuntimeRunner(graph, cpu, input_name=input_name) as quantized_runner:
+                    actual = quantized_runner.run(pixels)
+                metrics = {**compare_outputs(manifest.aot, reference, actual), **(noise if noise_floor else {})}
             with stages.step():
                 quantized = onnx.load(str(graph), load_external_data=False)
                 files = hash_files(staging, sorted(p.name for p in staging.iterdir() if p.is_file()))
@@ -247,7 +213,7 @@ def calibrate_export(directory: str | os.PathLike, videos: str | os.PathLike | I
                     "source": {"directory": str(directory), "precision": manifest.precision,
                                "manifest_sha256": sha256_file(directory / MANIFEST), "files": manifest.files},
                     "holdout": {"name": held.name, "sha256": sha256_file(held), "metrics": metrics,
-                                "gates": dataclasses.asdict(GATES)}}
+                                "gates": gates.to_dict()}}
                 new = dataclasses.replace(manifest, precision=precision, files=files, opset=graph_opset(quantized),
                                           extra={**manifest.extra, "calibration": provenance})
                 new.write(staging)
@@ -256,4 +222,4 @@ def calibrate_export(directory: str | os.PathLike, videos: str | os.PathLike | I
              "quantized_bytes": sum((out_dir / name).stat().st_size for name in files)}
     seconds = {**stages.seconds}
     return CalibrationReport(str(out_dir), str(directory), precision, held.name, data.provenance(), len(plan.nodes),
-                             plan.excluded_scopes, GATES, metrics, sizes, seconds)
+                             plan.excluded_scopes, gates, metrics, sizes, seconds)

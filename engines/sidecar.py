@@ -1,7 +1,7 @@
 """`engine.json`: what an engine plan was built from and for; a runtime refuses a plan that does not fit.
 
-Refusals name the field that differs: the engine against its export (`onnx_sha256`, `aot_hash`) and against
-this machine (`flavour`, `tensorrt_version`, `compute_capability`).
+Refusals name the field that differs: the engine against its export (`onnx_sha256`, `aot_hash`, `config_hash`) and
+against this machine (`flavour`, `tensorrt_version`, `compute_capability`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from aot_export.artifacts import sha256_file
 from aot_export.errors import InputError
-from aot_export.manifest import Manifest, read_manifest
+from aot_export.manifest import MANIFEST, Manifest, read_manifest
 
 PLAN = "engine.plan"
 SIDECAR = "engine.json"
@@ -76,13 +76,32 @@ def read_sidecar(engine_dir: str | os.PathLike) -> EngineSidecar:
 
 
 def check_against_export(sidecar: EngineSidecar, manifest: Manifest) -> None:
+    """The engine was built from this export: the sidecar's copy of the export's manifest records the same graph
+    (`onnx_sha256`: for an fp16 build the engine's own graph is derived, so the export's graph hash is compared),
+    the same AOT config (`aot_hash`) and the same model config (`config_hash`)."""
+    recorded = sidecar.manifest.get("files", {}).get(manifest.graph)
     graph_hash = manifest.files[manifest.graph]
-    if sidecar.onnx_sha256 != graph_hash:
-        raise EngineMismatch("onnx_sha256", sidecar.onnx_sha256[:12], f"the export's graph is {graph_hash[:12]}",
+    if recorded != graph_hash:
+        raise EngineMismatch("onnx_sha256", (recorded or "none")[:12], f"the export's graph is {graph_hash[:12]}",
                              "rebuild the engine from this export")
     if sidecar.manifest.get("aot_hash") != manifest.aot.hash:
         raise EngineMismatch("aot_hash", sidecar.manifest.get("aot_hash"), f"the export's is {manifest.aot.hash}",
                              "rebuild the engine from this export")
+    config_hash = sidecar.manifest.get("model", {}).get("config_hash")
+    if config_hash != manifest.model["config_hash"]:
+        raise EngineMismatch("config_hash", config_hash, f"the export's model is {manifest.model['config_hash']}",
+                             "rebuild the engine from this export")
+
+
+def find_export(engine_dir: str | os.PathLike, sidecar: EngineSidecar) -> Path | None:
+    """The export an engine was built from, where `aot-export build` puts engines by default
+    (EXPORT-TARGET-PRECISION beside EXPORT); None when there is no such export directory."""
+    engine_dir = Path(engine_dir).resolve()
+    suffix = f"-{sidecar.target}-{sidecar.precision}"
+    if not engine_dir.name.endswith(suffix):
+        return None
+    export_dir = engine_dir.with_name(engine_dir.name[:-len(suffix)])
+    return export_dir if (export_dir / MANIFEST).is_file() else None
 
 
 @dataclass(frozen=True)

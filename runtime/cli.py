@@ -18,6 +18,7 @@ from aot_export.errors import CheckFailed, InputError
 from aot_export.report import format_table, peak_rss_mib, write_json
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
+BACKENDS = ("torch", "onnxruntime", "tensorrt")          # runtime.vision.RUNNERS, without importing it for --help
 # The team's footage beside a checkout, where the README's commands run from; a default of the shell, not the library.
 DEMO_FOOTAGE = "../shared/data/videos"
 
@@ -87,19 +88,23 @@ def _validate(args: argparse.Namespace) -> int:
 
     if args.llm:
         report = validate_chain(args.dir, args.video, args.llm, prompt=args.prompt, tokens=args.tokens,
-                                model=args.model, device=args.device, progress=not args.quiet)
+                                model=args.model, device=args.device, progress=not args.quiet,
+                                backend=args.backend, export=args.export)
     else:
         report = validate_export(args.dir, args.video, model=args.model, device=args.device,
-                                 progress=not args.quiet)
+                                 progress=not args.quiet, backend=args.backend, export=args.export)
     print(report.table())
     write_json(args.json, report.to_dict())
     return EXIT_OK if report.passed else EXIT_FAILED
 
 
 def _add_validate(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("dir", help="export directory (with manifest.json)")
+    parser.add_argument("dir", help="export directory (with manifest.json) or engine directory (engine.json)")
     parser.add_argument("--video", required=True, help="video file to decode and run")
     parser.add_argument("--model", default=None, help="reference model, if not where the manifest says")
+    parser.add_argument("--backend", choices=BACKENDS, default=None,
+                        help="backend compared with the reference (default: from DIR; torch: the reference itself)")
+    parser.add_argument("--export", default=None, help="the export an engine DIR was built from, checked first")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="ONNX Runtime device (auto: CUDA when available)")
     parser.add_argument("--llm", default=None,
@@ -113,9 +118,9 @@ def _run(args: argparse.Namespace) -> int:
 
     if not args.prompt.strip():
         raise InputError("the prompt is empty; pass --prompt with a question about the video")
-    pipeline = Pipeline(args.model, backend=args.backend, llm=args.llm, device=args.device,
-                        reduce=not args.no_reduce)
-    report = pipeline.answer(args.video, args.prompt, max_new_tokens=args.max_new_tokens)
+    with Pipeline(args.model, backend=args.backend, llm=args.llm, device=args.device, reduce=not args.no_reduce,
+                  export=args.export) as pipeline:
+        report = pipeline.answer(args.video, args.prompt, max_new_tokens=args.max_new_tokens)
     print(report.table())
     write_json(args.json, report.to_dict())
     return EXIT_OK
@@ -126,8 +131,10 @@ def _add_run(parser: argparse.ArgumentParser) -> None:
                         help="engine directory, export directory, built-in model or checkpoint directory")
     parser.add_argument("--video", required=True, help="video file")
     parser.add_argument("--prompt", required=True, help="the question about the video")
-    parser.add_argument("--backend", choices=("torch", "onnxruntime", "tensorrt"), default=None,
+    parser.add_argument("--backend", choices=BACKENDS, default=None,
                         help="vision backend (default: from the artifact)")
+    parser.add_argument("--export", default=None,
+                        help="the export an engine --model was built from, checked first (default: found beside it)")
     parser.add_argument("--llm", default="transformers-int8",
                         help="transformers, transformers-int8 (default) or an ONNX LLM directory (quantize-llm)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -250,12 +257,15 @@ def _add_bench(parser: argparse.ArgumentParser) -> None:
 def _visualize(args: argparse.Namespace) -> int:
     from runtime.visualize import visualize
 
-    from aot_export.adapters import load_model
+    from runtime.vision import model_adapter, resolve_artifact
+
     from aot_export.export import solve_config
 
-    adapter = load_model(args.model)
-    cfg = solve_config(args.frames, args.retention, args.anchors, args.pooled_anchors, args.keep,
-                       grid=adapter.info.grid, clip_len=args.clip_len)
+    artifact = resolve_artifact(args.model)
+    adapter = model_adapter(artifact)
+    cfg = (artifact.manifest.aot if artifact.manifest is not None else
+           solve_config(args.frames, args.retention, args.anchors, args.pooled_anchors, args.keep,
+                        grid=adapter.info.grid, clip_len=args.clip_len))
     shown = None if args.frames_shown == "all" else int(args.frames_shown)
     info = visualize(adapter, args.video, args.out, cfg, frames_shown=shown, progress=not args.quiet)
     model = info["model"] + (" (random weights)" if info["random_weights"] else "")
@@ -268,7 +278,9 @@ def _visualize(args: argparse.Namespace) -> int:
 
 
 def _add_visualize(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="tiny-llava-ov", help="built-in model or checkpoint directory")
+    parser.add_argument("--model", default="tiny-llava-ov",
+                        help="engine directory, export directory (its model and AOT config), built-in model or "
+                             "checkpoint directory")
     parser.add_argument("--video", required=True, help="video file")
     parser.add_argument("--out", required=True, help="PNG to write")
     parser.add_argument("--frames", type=int, default=32, help="frames per video (32)")

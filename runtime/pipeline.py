@@ -14,14 +14,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from aot_export.adapters import load_model
 from aot_export.preprocess import Preprocessing, preprocess_frames
 from aot_export.report import format_table
 
 from .llm import load_llm
 from .prompt import assemble, chat_ids
 from aot_export.video import decode_frames
-from .vision import artifact_kind, open_vision
+from .vision import model_adapter, open_runner, resolve_artifact
 
 DEFAULT_FRAMES = 32
 
@@ -53,29 +52,37 @@ class RunReport:
 
 
 class Pipeline:
+    """Holds an active vision runner: use it as a context manager (or call `close()`)."""
+
     def __init__(self, model: str, backend: str | None = None, llm: str = "transformers-int8", device: str = "auto",
-                 reduce: bool = True, adapter: Any = None):
-        kind = artifact_kind(model)
+                 reduce: bool = True, adapter: Any = None, export: str | None = None):
+        artifact = resolve_artifact(model, export)
         self.reduce = reduce
-        if kind == "model":
-            self.adapter = adapter or load_model(model)
-            self.vision, self.manifest = (open_vision(model, backend, device, self.adapter) if reduce
-                                          else (None, None))
-        else:
-            self.vision, self.manifest = open_vision(model, backend, device, adapter)
-            self.adapter = adapter or load_model(self.manifest.model["model_id"])
-            if not reduce:
-                self.vision = None
+        self.adapter = model_adapter(artifact, adapter)
+        self.manifest = artifact.manifest
+        self.vision = open_runner(artifact, backend, device, self.adapter) if reduce else None
         self.frames = self.manifest.aot.frames if self.manifest else DEFAULT_FRAMES
         self.preprocessing: Preprocessing = (self.manifest.preprocessing if self.manifest
                                              else self.adapter.preprocessing)
         self.llm = load_llm(llm, self.adapter)
         self.eos = self.adapter.tokenizer.eos_token_id
+        if self.vision is not None:
+            self.vision.activate()
+
+    def close(self) -> None:
+        if self.vision is not None and self.vision.is_active:
+            self.vision.deactivate()
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def visual_tokens(self, pixels: np.ndarray) -> torch.Tensor:
         if self.vision is None:
             return self.adapter.full_video_features(torch.from_numpy(pixels))[:-1]     # newline re-added below
-        tokens, _ = self.vision.run(pixels)
+        tokens = self.vision.run(pixels)["tokens"]
         return torch.from_numpy(np.asarray(tokens, dtype=np.float32))
 
     def answer(self, video: str | Path, prompt: str, max_new_tokens: int = 32) -> RunReport:

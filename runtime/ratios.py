@@ -73,11 +73,10 @@ def reduction_vs_encoder(hidden: int, encoder_frames: int, repeats: int) -> dict
 def onnxruntime_vs_eager(frames: int, repeats: int) -> dict[str, float]:
     import tempfile
 
-    import onnxruntime as ort
-
     from aot_export import AOTConfig
     from aot_export.adapters import load_model
     from aot_export.export import export_vision_aot
+    from aot_export.runners import OnnxRuntimeRunner
 
     adapter = load_model("tiny-llava-ov")
     cfg = AOTConfig(frames=frames, clip_len=4 if frames % 4 == 0 else 1)
@@ -85,12 +84,12 @@ def onnxruntime_vs_eager(frames: int, repeats: int) -> dict[str, float]:
     module = adapter.vision_aot(cfg)
     with tempfile.TemporaryDirectory() as work:
         result = export_vision_aot(adapter, cfg, f"{work}/x", progress=False)
-        session = ort.InferenceSession(str(result.directory / result.manifest.graph),
-                                       providers=["CPUExecutionProvider"])
-        ort_s = best_of(lambda: session.run(None, {"frames": pixels.numpy()}), repeats)
+        with OnnxRuntimeRunner.from_export(result.directory, "cpu", result.manifest) as runner:
+            ort_s = best_of(lambda: runner.run(pixels.numpy()), repeats)
+            settings = runner.settings
     eager_s = best_of(lambda: module(pixels), repeats)
     return {"model": "tiny-llava-ov", "frames": frames, "onnxruntime_s": ort_s, "eager_s": eager_s,
-            "ratio": ort_s / eager_s}
+            "ratio": ort_s / eager_s, "onnxruntime_settings": settings}
 
 
 @torch.inference_mode()

@@ -1,143 +1,105 @@
-"""Vision backends behind one interface: preprocessed frames [T, 3, S, S] → (tokens [n, H], index [n, 3]).
+"""The artifact a command names, resolved once, and the vision runner for it.
 
-- `torch`: the checkpoint's tower + projector + `AOTReducer` in PyTorch (the exported module, eager).
-- `onnxruntime`: an export directory's graph; CUDA provider when available.
-- `tensorrt`: an engine directory (`tensorrt` or `tensorrt_rtx`), refused unless its sidecar fits the export
-  and this machine; runs where a GPU exists.
-The backend is chosen from the artifact (engine dir → tensorrt, export dir → onnxruntime, model → torch) and can
-be overridden.
+`resolve_artifact(path)`: an engine directory (its sidecar's copy of the export's manifest; the export it was
+built from when given or found beside it), an export directory (its manifest) or a model (built-in name or
+checkpoint directory). `model_adapter` loads the model behind any of them, refused if its config is not the one
+exported. `run`, `validate` and `visualize` all take what this resolves.
+
+Vision backends are runners (`aot_export.runners` interface, Polygraphy-style activate / infer / deactivate),
+chosen from `RUNNERS` by backend name; the default backend follows the artifact (engine → tensorrt, export →
+onnxruntime, model → torch).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
-
-import numpy as np
-import torch
+from typing import Any
 
 from aot_export import AOTConfig
+from aot_export.adapters import ModelAdapter, load_model
 from aot_export.errors import InputError
 from aot_export.manifest import MANIFEST, Manifest, read_manifest
+from aot_export.reference_runner import TorchReferenceRunner
+from aot_export.runners import OnnxRuntimeRunner, VisionRunner
+from engines.runner import TensorRTRunner
+from engines.sidecar import SIDECAR, check_against_export, find_export, read_sidecar
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
-
-
-class VisionBackend(Protocol):
-    name: str
-
-    def run(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
-
-
-@dataclass
-class TorchVision:
-    adapter: Any
-    cfg: AOTConfig
-    name: str = "torch"
-    module: Any = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.module = self.adapter.vision_aot(self.cfg)
-
-    @torch.inference_mode()
-    def run(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        tokens, index = self.module(torch.from_numpy(pixels))
-        return tokens.numpy(), index.numpy()
+RUNNERS: dict[str, type[VisionRunner]] = {"torch": TorchReferenceRunner, "onnxruntime": OnnxRuntimeRunner,
+                                          "tensorrt": TensorRTRunner}
+BACKENDS = tuple(RUNNERS)
+DEFAULT_BACKEND = {"engine": "tensorrt", "export": "onnxruntime", "model": "torch"}
 
 
-@dataclass
-class OnnxRuntimeVision:
-    directory: Path
-    manifest: Manifest
-    device: str = "auto"
-    name: str = field(init=False)
-
-    def __post_init__(self) -> None:
-        import onnxruntime as ort
-
-        from .validate import onnxruntime_providers
-
-        providers = onnxruntime_providers(self.device)
-        self.session = ort.InferenceSession(str(Path(self.directory) / self.manifest.graph), providers=providers)
-        self.name = "onnxruntime-" + providers[0].replace("ExecutionProvider", "").lower()
-
-    def run(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        tokens, index = self.session.run(["tokens", "index"], {self.manifest.inputs[0].name: pixels})
-        return tokens, index
+@dataclass(frozen=True)
+class Artifact:
+    path: str
+    kind: str                         # "engine", "export" or "model"
+    manifest: Manifest | None         # the export's (for an engine: the copy in its sidecar); None for a model
+    export_dir: Path | None           # the export itself, or the one an engine is checked against (None: not known)
 
 
-@dataclass
-class TensorRTVision:
-    """Executes an engine with device buffers owned by torch (CUDA); the engine's I/O names are the graph's."""
-
-    engine_dir: Path
-    export_dir: Path | None
-    name: str = "tensorrt"
-
-    def __post_init__(self) -> None:
-        from engines.sidecar import load_engine
-
-        self.sidecar, self.engine = load_engine(self.engine_dir, self.export_dir)
-        self.context = self.engine.create_execution_context()
-        self.stream = torch.cuda.Stream()
-
-    def run(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        engine, context = self.engine, self.context
-        buffers = {}
-        for i in range(engine.num_io_tensors):
-            name = engine.get_tensor_name(i)
-            shape = tuple(engine.get_tensor_shape(name))
-            dtype = {"FLOAT": torch.float32, "INT32": torch.int32, "HALF": torch.float16}[
-                str(engine.get_tensor_dtype(name)).split(".")[-1]]
-            buffers[name] = (torch.from_numpy(pixels).cuda() if name == "frames"
-                             else torch.empty(shape, dtype=dtype, device="cuda"))
-            context.set_tensor_address(name, buffers[name].data_ptr())
-        if not context.execute_async_v3(self.stream.cuda_stream):
-            raise RuntimeError("TensorRT execution failed")
-        self.stream.synchronize()
-        return buffers["tokens"].float().cpu().numpy(), buffers["index"].cpu().numpy()
-
-
-def artifact_kind(path: str) -> str:
+def artifact_kind(path: str | os.PathLike) -> str:
     """'engine', 'export' or 'model' (a built-in name or a checkpoint directory)."""
     directory = Path(path)
-    if (directory / "engine.json").is_file():
+    if (directory / SIDECAR).is_file():
         return "engine"
     if (directory / MANIFEST).is_file():
         return "export"
     return "model"
 
 
-def open_vision(model: str, backend: str | None = None, device: str = "auto",
-                adapter: Any = None) -> tuple[VisionBackend, Manifest | None]:
-    """The vision backend for an artifact (engine dir, export dir, or model), `backend` overriding the choice."""
-    kind = artifact_kind(model)
-    default = {"engine": "tensorrt", "export": "onnxruntime", "model": "torch"}[kind]
-    backend = backend or default
-    if backend not in BACKENDS:
-        raise InputError(f"backend {backend!r} is unknown; choose from {', '.join(BACKENDS)}")
+def resolve_artifact(path: str | os.PathLike, export: str | os.PathLike | None = None) -> Artifact:
+    """What `--model`/DIR names. For an engine, `export` (or the export found beside it, see
+    `engines.sidecar.find_export`) is the export it is checked against before it runs."""
+    path = str(path)
+    kind = artifact_kind(path)
+    if export is not None and kind != "engine":
+        raise InputError(f"--export names the export an engine was built from; {path} is not an engine directory")
     if kind == "engine":
-        from engines.sidecar import read_sidecar
+        sidecar = read_sidecar(path)
+        export_dir = Path(export) if export is not None else find_export(path, sidecar)
+        return Artifact(path, kind, Manifest.from_dict(sidecar.manifest), export_dir)
+    if kind == "export":
+        return Artifact(path, kind, read_manifest(path), Path(path))
+    return Artifact(path, kind, None, None)
 
-        sidecar = read_sidecar(model)
-        manifest = Manifest.from_dict(sidecar.manifest)
-        export_dir = None
-    elif kind == "export":
-        manifest, export_dir = read_manifest(model), Path(model)
-    else:
-        manifest, export_dir = None, None
+
+def model_adapter(artifact: Artifact, model: str | ModelAdapter | None = None) -> ModelAdapter:
+    """The model behind the artifact (or `model`, overriding where the manifest says), refused if its config is
+    not the one exported."""
+    if artifact.manifest is None:
+        return model if isinstance(model, ModelAdapter) else load_model(model or artifact.path)
+    manifest = artifact.manifest
+    adapter = model if isinstance(model, ModelAdapter) else load_model(model or manifest.model["model_id"])
+    if adapter.info.config_hash != manifest.model["config_hash"]:
+        raise InputError(f"model {adapter.info.model_id} (config {adapter.info.config_hash}) is not the one "
+                         f"exported (config {manifest.model['config_hash']}); pass --model with the exported "
+                         "checkpoint")
+    return adapter
+
+
+def open_runner(artifact: Artifact, backend: str | None = None, device: str = "auto",
+                adapter: ModelAdapter | None = None, **options: Any) -> VisionRunner:
+    """The (inactive) vision runner of `backend` for the artifact; `options` go to the ONNX Runtime runner's
+    session options (intra_op_threads, allow_spinning)."""
+    backend = backend or DEFAULT_BACKEND[artifact.kind]
+    if backend not in RUNNERS:
+        raise InputError(f"backend {backend!r} is unknown; choose from {', '.join(BACKENDS)}")
     if backend == "tensorrt":
-        if kind != "engine":
-            raise InputError(f"{model} is not an engine directory; build one with `aot-export build`, or choose "
-                             "--backend onnxruntime/torch")
-        return TensorRTVision(Path(model), export_dir), manifest
+        if artifact.kind != "engine":
+            raise InputError(f"{artifact.path} is not an engine directory; build one with `aot-export build`, or "
+                             "choose --backend onnxruntime/torch")
+        return TensorRTRunner(artifact.path, artifact.export_dir)
     if backend == "onnxruntime":
-        if kind != "export":
-            raise InputError(f"{model} is not an export directory; export one with `aot-export export`, or choose "
-                             "--backend torch")
-        return OnnxRuntimeVision(Path(model), manifest, device), manifest
+        if artifact.kind != "export":
+            raise InputError(f"{artifact.path} is not an export directory; export one with `aot-export export`, or "
+                             "choose --backend torch")
+        return OnnxRuntimeRunner.from_export(artifact.path, device, artifact.manifest, **options)
     if adapter is None:
         raise InputError("the torch backend needs the model; pass --model with a model or an export directory")
-    cfg = manifest.aot if manifest is not None else AOTConfig(grid=adapter.info.grid)
-    return TorchVision(adapter, cfg), manifest
+    if artifact.kind == "engine" and artifact.export_dir is not None:
+        check_against_export(read_sidecar(artifact.path), read_manifest(artifact.export_dir))
+    cfg = artifact.manifest.aot if artifact.manifest is not None else AOTConfig(grid=adapter.info.grid)
+    return TorchReferenceRunner(adapter, cfg)

@@ -15,11 +15,10 @@ from aot_export.artifacts import sha256_file
 from aot_export.errors import InputError
 from aot_export.manifest import GRAPH, WEIGHTS, read_manifest
 from aot_export.preprocess import preprocess_frames, sample_indices
-from calibration import calibrate_export, calibration_data, expand_videos, fidelity_metrics
+from calibration import calibrate_export, calibration_data, expand_videos
 from calibration.data import clip_indices
-from aot_export.fidelity import output_roles
+from aot_export.fidelity import VISION_GATES, compare_outputs, output_roles
 from aot_export.onnx_scopes import submodule
-from calibration.calibrate import GATES
 from calibration.qdq_graph import QUANTIZED_SCOPES, plan_quantization
 from aot_export.video import decode_frames, synthesize_clip
 
@@ -197,16 +196,21 @@ def test_fidelity_is_measured(int8):
     _, report = int8
     m = report.metrics
     assert report.holdout == "holdout.mp4" and m["tokens"] == CFG.output_tokens
+    assert report.gates == VISION_GATES["int8"]
     # int8 of the tower measured 0.998 mean cosine on the tokens both graphs kept; a broken scale would not.
     assert 0.99 <= m["matched_cosine_mean"] <= 1.0 and 0.9 <= m["matched_cosine_min"] <= m["matched_cosine_mean"]
     assert 0.0 < m["matched_max_abs"] < 0.1 and m["max_abs"] > 0.0
-    assert 0.0 <= m["anchor_agreement"] <= 1.0 and 0.0 < m["cell_agreement"] <= 1.0
-    assert 0.0 <= m["noise_anchor_agreement"] <= 1.0
-    assert report.checks == {"matched_cosine_min": m["matched_cosine_min"] >= GATES.matched_cosine_min,
-                             "anchor_agreement": m["anchor_agreement"] >= GATES.anchor_agreement}
-    assert report.passed == all(report.checks.values())
-    assert ("PASS" if report.passed else "FAIL") in report.table().splitlines()[-1]
+    assert report.checks["matched_cosine_min"], report.table()
     assert json.loads(json.dumps(report.to_dict()))["precision"] == "int8"
+
+
+@pytest.mark.xfail(strict=True, reason="measured: the tiny model's (random weights) int8 export agrees on 83.75 % of "
+                                       "the fp32 anchors on the synthetic held-out clip (gate 98 %); fp32 itself "
+                                       "agrees on only 95.00 % under 1/4-step input noise: near-tied scores")
+def test_int8_export_passes_its_gates(int8):
+    _, report = int8
+    assert report.checks["anchor_agreement"], report.table()
+    assert report.passed and report.table().splitlines()[-1] == "PASS"
 
 
 def _outputs(cfg, seed=0):
@@ -226,7 +230,7 @@ def _outputs(cfg, seed=0):
 def test_fidelity_metric_definitions():
     cfg = CFG
     ref = _outputs(cfg)
-    same = fidelity_metrics(ref, {k: v.copy() for k, v in ref.items()}, cfg)
+    same = compare_outputs(cfg, ref, {k: v.copy() for k, v in ref.items()})
     assert same["matched_cosine_min"] == pytest.approx(1.0) and same["cosine_min"] == pytest.approx(1.0)
     assert same["anchor_agreement"] == 1.0 == same["cell_agreement"] and same["max_abs"] == 0.0
     groups = cfg.clips * (2 + cfg.clip_len - 1)
@@ -242,7 +246,7 @@ def test_fidelity_metric_definitions():
     swapped["index"][start:start + keep, 1:] = [free, *old[:-1]]
     swapped["tokens"][start + 1:start + keep] = ref["tokens"][start:start + keep - 1]
     swapped["tokens"][start] = np.random.default_rng(9).normal(size=ref["tokens"].shape[1])
-    metrics = fidelity_metrics(ref, swapped, cfg)
+    metrics = compare_outputs(cfg, ref, swapped)
     assert metrics["anchor_agreement"] == pytest.approx(1 - (1 / cfg.keep) / groups)
     assert metrics["matched_cosine_min"] == pytest.approx(1.0)      # matched by key, not by position
     assert metrics["cosine_min"] < 0.9                              # positions of that frame no longer pair up
@@ -330,3 +334,12 @@ def test_interrupted_calibration_leaves_nothing(tiny_export, int8, clips, tmp_pa
         calibrate_export(tiny_export, [clips[0]], "int8", target, holdout=clips[1], clips_per_video=1, progress=False)
     assert sorted((p.name, sha256_file(p)) for p in target.iterdir()) == before
     assert [p.name for p in tmp_path.iterdir()] == ["keep"]
+
+
+def test_comparator_refuses_outputs_of_another_config():
+    ref = _outputs(CFG)
+    short = {"tokens": ref["tokens"][:-1], "index": ref["index"][:-1]}
+    with pytest.raises(InputError, match="differ from the reference"):
+        compare_outputs(CFG, ref, short)
+    with pytest.raises(InputError, match="the config says"):
+        compare_outputs(CFG, short, short)

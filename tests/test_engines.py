@@ -10,10 +10,8 @@ import numpy as np
 import onnx
 import pytest
 
-from aot_export import AOTConfig
 from runtime.cli import EXIT_BAD_INPUT, EXIT_OK, main
 from aot_export.errors import InputError
-from aot_export.export import export_vision_aot
 from aot_export.manifest import read_manifest
 from aot_export.onnx_scopes import node_scope
 from engines.build import build_engine_dir, settings_for, trtexec_command
@@ -192,11 +190,31 @@ def test_engine_refused_on_a_machine_it_does_not_fit(engine_dir, machine, field)
     assert refused.value.field == field and field in str(refused.value)
 
 
-def test_engine_refused_for_another_export(engine_dir, tiny, tmp_path):
-    other = export_vision_aot(tiny, AOTConfig(frames=8, keep=5), tmp_path / "other",
-                              progress=False).directory
-    with pytest.raises(EngineMismatch, match="onnx_sha256"):
+@pytest.mark.parametrize("field, weight, edit", [
+    ("onnx_sha256", ("tower.embeddings.patch_embedding.weight", 1.5), None),
+    ("aot_hash", None, lambda m: m["aot"].update(sigma_t=2.0)),
+    ("config_hash", None, lambda m: m["model"].update(config_hash="0" * 16)),
+])
+def test_engine_refused_for_another_export(engine_dir, tiny_export, tmp_path, field, weight, edit):
+    """A copy of the export with one thing changed: other weights, another AOT config (same graph bytes), another
+    model config. Refused before anything needs a GPU, naming the field."""
+    from export_copies import edited_export
+
+    other = edited_export(tiny_export, tmp_path / "other", manifest=edit, weight=weight)
+    read_manifest(other)                                    # a consistent export in itself
+    with pytest.raises(EngineMismatch) as refused:
         load_engine(engine_dir, other, Machine({"tensorrt_rtx": "x"}, "8.6"), deserialize=deserialized)
+    assert refused.value.field == field and field in str(refused.value)
+
+
+def test_export_is_found_beside_an_engine_built_with_the_default_name(engine_dir, tiny_export, tmp_path):
+    from engines.sidecar import find_export
+
+    shutil.copytree(engine_dir, tmp_path / "tiny-rtx-fp32")
+    assert find_export(tmp_path / "tiny-rtx-fp32", read_sidecar(engine_dir)) is None     # no export beside it
+    shutil.copytree(tiny_export, tmp_path / "tiny")
+    assert find_export(tmp_path / "tiny-rtx-fp32", read_sidecar(engine_dir)) == (tmp_path / "tiny").resolve()
+    assert find_export(engine_dir, read_sidecar(engine_dir)) is None                     # not the default name
 
 
 def test_tampered_plan_is_refused(engine_dir, tmp_path):

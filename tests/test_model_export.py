@@ -138,17 +138,12 @@ def test_validate_on_shared_footage(tiny_export, shared_videos):
     assert report.passed, report.table()
 
 
-def test_validate_detects_a_wrong_graph(tiny_export, clip, tmp_path, tiny):
-    """A graph exported from other weights, under a manifest that claims this model: validate must fail."""
-    import copy
+def test_validate_detects_a_wrong_graph(tiny_export, clip, tmp_path):
+    """A graph of other weights (the patch embedding scaled by 1.5), under a manifest that claims this model:
+    validate must fail."""
+    from export_copies import edited_export
 
-    other = copy.deepcopy(tiny)
-    with torch.no_grad():
-        other.model.model.multi_modal_projector.linear_2.weight.mul_(1.5).add_(0.01)
-    wrong = export_vision_aot(other, CFG, tmp_path / "wrong", progress=False).directory
-    manifest = json.loads((wrong / "manifest.json").read_text())
-    manifest["model"] = json.loads((tiny_export / "manifest.json").read_text())["model"]
-    (wrong / "manifest.json").write_text(json.dumps(manifest))
+    wrong = edited_export(tiny_export, tmp_path / "wrong", weight=("tower.embeddings.patch_embedding.weight", 1.5))
     assert main(["validate", str(wrong), "--video", str(clip), "--quiet"]) == EXIT_FAILED
 
 

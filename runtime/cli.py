@@ -36,12 +36,12 @@ def _export(args: argparse.Namespace) -> int:
     if args.config:
         cfg = AOTConfig.from_json(_read_text(args.config))
     else:
-        cfg = solve_config(args.frames, args.retention, args.anchors, args.pooled_anchors, args.keep,
-                           grid=adapter.info.grid, clip_len=args.clip_len)
+        cfg = solve_config(adapter.aot_frames(args.frames), args.retention, args.anchors, args.pooled_anchors,
+                           args.keep, clip_len=args.clip_len, **adapter.aot_fields())
     result = export_vision_aot(adapter, cfg, args.out, progress=not args.quiet)
     result.seconds["load model"] = load_seconds
     sizes = {name: (result.directory / name).stat().st_size for name in result.manifest.files}
-    rows = [("model", adapter.info.model_id), ("frames", cfg.frames),
+    rows = [("model", adapter.info.model_id), ("frames", cfg.frames * adapter.info.temporal_patch),
             ("visual tokens without AOT", cfg.input_tokens), ("visual tokens with AOT", cfg.output_tokens),
             ("retention", f"{cfg.retention:.2%}"),
             ("anchors / pooled anchors / keep", f"{cfg.anchors} / {cfg.pooled_anchors} / {cfg.keep}"),
@@ -254,8 +254,8 @@ def _visualize(args: argparse.Namespace) -> int:
     from aot_export.export import solve_config
 
     adapter = load_model(args.model)
-    cfg = solve_config(args.frames, args.retention, args.anchors, args.pooled_anchors, args.keep,
-                       grid=adapter.info.grid, clip_len=args.clip_len)
+    cfg = solve_config(adapter.aot_frames(args.frames), args.retention, args.anchors, args.pooled_anchors,
+                       args.keep, clip_len=args.clip_len, **adapter.aot_fields())
     shown = None if args.frames_shown == "all" else int(args.frames_shown)
     info = visualize(adapter, args.video, args.out, cfg, frames_shown=shown, progress=not args.quiet)
     model = info["model"] + (" (random weights)" if info["random_weights"] else "")

@@ -150,7 +150,7 @@ def validate_export(directory: str | os.PathLike, video: str | os.PathLike, mode
     manifest = read_manifest(directory)
     stages = Stages(["decode + preprocess", "exported graph", "reference", "compare"], progress)
     with stages.step():
-        frames = decode_frames(video, manifest.aot.frames)
+        frames = decode_frames(video, manifest.video_frames)
         pixels = preprocess_frames(frames, manifest.preprocessing)
     with stages.step():
         providers = onnxruntime_providers(device)

@@ -27,6 +27,7 @@ class ModelInfo:
     grid: int                # tokens per side of one frame
     image_size: int
     hidden: int              # width of the reduced tokens (the LLM's hidden size)
+    temporal_patch: int = 1  # video frames the tower folds into one grid (Qwen2.5-VL: 2); AOT's "frame" is one grid
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -65,13 +66,31 @@ class ModelAdapter(ABC):
         returned by Hugging Face) rather than the exported score computation."""
 
     def example_frames(self, frames: int, seed: int = 0) -> Tensor:
+        """`frames` video frames [frames, 3, S, S] of random pixels (graph inputs are video frames)."""
         g = torch.Generator().manual_seed(seed)
         size = self.info.image_size
         return torch.randn(frames, 3, size, size, generator=g)
 
+    def aot_fields(self) -> dict[str, Any]:
+        """The AOTConfig fields this model fixes: its grid and how the VLM pools it (LLaVA-OneVision: 2×2
+        bilinear; a tower whose merger already reduces 2×2 patches: no pooling)."""
+        return {"grid": self.info.grid}
+
+    def aot_frames(self, video_frames: int) -> int:
+        """AOT frames (grids) for `video_frames` decoded frames; refuses a count the temporal patch does not divide."""
+        patch = self.info.temporal_patch
+        if video_frames < 1 or video_frames % patch:
+            raise InputError(f"{video_frames} frames: {self.info.model_id} encodes {patch} frames per temporal "
+                             f"patch; pass a frame count that is a positive multiple of {patch}")
+        return video_frames // patch
+
     def check_fits(self, cfg: AOTConfig) -> None:
-        """A config must be solved for this model's grid."""
+        """A config must be solved for this model's grid (and pooling)."""
         if cfg.grid != self.info.grid:
             raise InputError(f"the AOT config has grid={cfg.grid} but {self.info.model_id} gives a "
                              f"{self.info.grid}×{self.info.grid} grid per frame; solve the config with "
                              f"grid={self.info.grid}")
+        for name, value in self.aot_fields().items():
+            if getattr(cfg, name) != value:
+                raise InputError(f"the AOT config has {name}={getattr(cfg, name)!r} but {self.info.model_id} "
+                                 f"needs {name}={value!r}; solve the config with it")

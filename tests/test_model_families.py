@@ -212,3 +212,57 @@ def test_model_type_not_in_the_table(tmp_path, capsys):
     err = bad_input(capsys, ["export", "--model", str(tmp_path), "--out", str(tmp_path / "out")])
     assert "'qwen2_vl' is not supported" in err
     assert {"qwen2_5_vl", "cosmos3_edge", "llava_onevision"} <= set(ADAPTERS) and all(t in err for t in ADAPTERS)
+
+
+# ---- 3-D positions for the LLM ---------------------------------------------------------------------------------------
+PROMPT = "What happens in the video?"
+
+
+def test_positions_match_hf_with_reduction_off(family):
+    """All merged tokens at the positions of the full grid: the logits equal Hugging Face's own forward on the same
+    frames and ids, and the positions equal its get_rope_index."""
+    from runtime.positions import assemble_positioned, full_index, prefill_logits
+
+    frames = family.example_frames(VIDEO_FRAMES, seed=5)
+    steps = family.aot_frames(VIDEO_FRAMES)
+    prompt = assemble_positioned(family, PROMPT, family.full_video_features(frames), full_index(steps, family.info.grid))
+    assert prompt.visual_tokens == steps * family.info.grid ** 2
+    ours = prefill_logits(family, prompt)
+    pixels, grid_thw = family.pixel_values(frames)
+    types = (prompt.input_ids == family.video_token_id).int() * 2
+    with torch.inference_mode():
+        theirs = family.model(input_ids=prompt.input_ids, pixel_values_videos=pixels, video_grid_thw=grid_thw,
+                              mm_token_type_ids=types).logits[0]
+        positions, _ = family.model.model.get_rope_index(prompt.input_ids, types, video_grid_thw=grid_thw)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    assert torch.equal(prompt.position_ids, positions)
+
+
+def test_reduced_tokens_keep_their_original_positions(family):
+    from runtime.positions import assemble_positioned, full_index
+
+    frames = family.example_frames(VIDEO_FRAMES, seed=6)
+    cfg = family_cfg(family)
+    with torch.inference_mode():
+        tokens, index = family.vision_aot(cfg)(frames)
+    full = assemble_positioned(family, PROMPT, family.full_video_features(frames), full_index(cfg.frames, cfg.grid))
+    reduced = assemble_positioned(family, PROMPT, tokens, index)
+    assert reduced.visual_tokens == cfg.output_tokens < full.visual_tokens
+    video = family.video_token_id
+
+    def visual_positions(prompt):
+        return prompt.position_ids[:, 0, prompt.input_ids[0] == video].T
+
+    full_at = {tuple(key): tuple(pos) for key, pos in zip(full_index(cfg.frames, cfg.grid).tolist(),
+                                                         visual_positions(full).tolist())}
+    # In prompt order: Qwen2.5-VL keeps the reducer's order, Cosmos3-Edge groups it by frame.
+    order = torch.arange(len(index)) if family.model_type == "qwen2_5_vl" else torch.argsort(index[:, 0], stable=True)
+    assert [full_at[tuple(key)] for key in index[order].tolist()] == [tuple(p) for p in visual_positions(reduced).tolist()]
+    # Updated keyframe anchors (the last A tokens of a clip) sit at their keyframe cells' positions.
+    assert (index[-cfg.pooled_anchors:, 0] == 0).all()
+    # Text after the video continues where the model's own rule puts it, whatever the reduction kept.
+    def after_video(prompt):
+        last = int((prompt.input_ids[0] == family.model.config.vision_end_token_id).nonzero().max())
+        return prompt.position_ids[..., last:]
+
+    assert after_video(full).shape[-1] > 5 and torch.equal(after_video(full), after_video(reduced))

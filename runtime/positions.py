@@ -1,0 +1,133 @@
+"""Prompts with 3-D rotary positions (Qwen2.5-VL, Cosmos3-Edge): every visual token sits at its original (t, h, w).
+
+Both models place a visual token at `(start + t, start + row, start + col)` and let text continue after a video at
+`start + max(grid)`. A reduction keeps a subset of the tokens (and merges others into anchors); the reducer's
+`index [n, 3]` is (frame, row, col) on the merged grid, so a kept token gets the position it had in the full video
+and an updated keyframe anchor its keyframe's. With `index` the full raster grid this is Hugging Face's own rule
+(`get_rope_index`), which tests/test_model_families.py checks by comparing logits with Hugging Face's forward.
+
+- Qwen2.5-VL: one `<|vision_start|><|video_pad|>…<|vision_end|>` block for the video; t is the temporal patch times
+  `tokens_per_second · seconds_per_grid` (truncated to an integer, as Hugging Face does).
+- Cosmos3-Edge: one timestamped block per frame, `<{s:.1f} seconds><|vision_start|><|video_pad|>…<|vision_end|>`
+  (its processor's format); each frame block is its own grid with t = its start, and holds the reduced tokens whose
+  index names that frame, in the reducer's order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from aot_export.errors import InputError
+
+from .prompt import chat_ids
+
+
+@dataclass(frozen=True)
+class PositionedPrompt:
+    input_ids: Tensor        # [1, L], visual positions hold the video token id
+    embeds: Tensor           # [1, L, H] float32
+    position_ids: Tensor     # [3, 1, L] (t, h, w) rotary positions
+    visual_tokens: int
+
+    @property
+    def length(self) -> int:
+        return self.input_ids.shape[1]
+
+
+def full_index(frames: int, grid: int) -> Tensor:
+    """[frames·G², 3] (frame, row, col) of every merged token in raster order: the index of "no reduction"."""
+    f, r, c = torch.meshgrid(torch.arange(frames), torch.arange(grid), torch.arange(grid), indexing="ij")
+    return torch.stack([f, r, c], dim=-1).reshape(-1, 3).to(torch.int32)
+
+
+def text_positions(start: int, count: int) -> Tensor:
+    return (torch.arange(count) + start).expand(3, count)
+
+
+def grid_positions(index: Tensor, start: int, time_interval: float) -> Tensor:
+    """[3, n] positions of tokens at `index` (frame, row, col) of a video block starting at `start`."""
+    index = index.long()
+    t = (torch.arange(int(index[:, 0].max()) + 1) * time_interval).long()[index[:, 0]]
+    return torch.stack([t + start, index[:, 1] + start, index[:, 2] + start])
+
+
+def _wrapper_span(ids: list[int], adapter) -> tuple[int, int]:
+    """[begin, end) of the template's `<|vision_start|><|video_pad|><|vision_end|>` in `ids`."""
+    at = ids.index(adapter.video_token_id)
+    config = adapter.model.config
+    if at == 0 or at + 1 == len(ids) or (ids[at - 1], ids[at + 1]) != (config.vision_start_token_id,
+                                                                       config.vision_end_token_id):
+        raise InputError(f"{adapter.info.model_id}: the chat template does not wrap the video in "
+                         "<|vision_start|> … <|vision_end|>; use the checkpoint's chat template")
+    return at - 1, at + 2
+
+
+@torch.inference_mode()
+def assemble_positioned(adapter, prompt: str, visual: Tensor, index: Tensor, frame_seconds: list[float] | None = None,
+                        seconds_per_grid: float = 1.0) -> PositionedPrompt:
+    """The chat prompt with `visual` [n, H] at the positions `index` [n, 3] names (see the module doc).
+
+    `seconds_per_grid` (Qwen2.5-VL) is the video time one temporal patch spans; Hugging Face uses 1 when the
+    processor gives none. `frame_seconds` (Cosmos3-Edge) are the frames' timestamps (default: 0, 1, 2 … s)."""
+    hidden = adapter.info.hidden
+    if visual.shape[-1] != hidden or visual.shape[0] != index.shape[0]:
+        raise InputError(f"the vision output is {tuple(visual.shape)} with {index.shape[0]} positions but the LLM "
+                         f"takes [n, {hidden}]; pair the export with the LLM of the same checkpoint")
+    ids = chat_ids(adapter, prompt)
+    begin, end = _wrapper_span(ids, adapter)
+    config = adapter.model.config
+    pad, start_id, end_id = adapter.video_token_id, config.vision_start_token_id, config.vision_end_token_id
+    grid = adapter.info.grid
+    pieces_ids: list[list[int]] = [ids[:begin]]
+    pieces_pos: list[Tensor] = [text_positions(0, begin)]
+    order: list[Tensor] = []                     # rows of `visual` in prompt order
+    current = begin
+    if adapter.model_type == "qwen2_5_vl":
+        interval = config.vision_config.tokens_per_second * seconds_per_grid
+        pieces_ids.append([start_id])
+        pieces_pos.append(text_positions(current, 1))
+        current += 1
+        pieces_ids.append([pad] * index.shape[0])
+        pieces_pos.append(grid_positions(index, current, interval))
+        order.append(torch.arange(index.shape[0]))
+        current += grid
+        pieces_ids.append([end_id])
+        pieces_pos.append(text_positions(current, 1))
+        current += 1
+    elif adapter.model_type == "cosmos3_edge":
+        frames = int(index[:, 0].max()) + 1
+        seconds = frame_seconds if frame_seconds is not None else [float(f) for f in range(frames)]
+        for frame in range(frames):
+            stamp = adapter.tokenizer(f"<{seconds[frame]:.1f} seconds>", add_special_tokens=False).input_ids
+            rows = torch.nonzero(index[:, 0] == frame).squeeze(-1)
+            pieces_ids += [stamp + [start_id], [pad] * len(rows), [end_id]]
+            pieces_pos.append(text_positions(current, len(stamp) + 1))
+            current += len(stamp) + 1
+            frame_index = index[rows].clone()
+            frame_index[:, 0] = 0                                   # each frame is its own grid (t = 1)
+            pieces_pos.append(grid_positions(frame_index, current, 1.0))
+            current += grid
+            pieces_pos.append(text_positions(current, 1))
+            current += 1
+            order.append(rows)
+    else:
+        raise InputError(f"{adapter.info.model_id}: 3-D positions are for qwen2_5_vl and cosmos3_edge, not "
+                         f"{adapter.model_type}")
+    after = ids[end:]
+    pieces_ids.append(after)
+    pieces_pos.append(text_positions(current, len(after)))
+    input_ids = torch.tensor([[token for piece in pieces_ids for token in piece]])
+    embeds = adapter.embed_tokens(input_ids).float().clone()
+    embeds[0, input_ids[0] == pad] = visual[torch.cat(order)].float()
+    return PositionedPrompt(input_ids, embeds, torch.cat(pieces_pos, dim=1).unsqueeze(1), visual.shape[0])
+
+
+@torch.inference_mode()
+def prefill_logits(adapter, prompt: PositionedPrompt) -> Tensor:
+    """[L, V] logits of the LLM (PyTorch) on the prompt with its explicit 3-D positions."""
+    decoder, lm_head = adapter.decoder()
+    out = decoder(inputs_embeds=prompt.embeds, position_ids=prompt.position_ids, use_cache=False)
+    return lm_head(out.last_hidden_state)[0].float()

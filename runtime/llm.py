@@ -89,20 +89,23 @@ class TransformersDecoder:
 
     @torch.inference_mode()
     def generate(self, embeds: Tensor, max_new_tokens: int, eos: int | None = None,
-                 forced: list[int] | None = None) -> Generation:
+                 forced: list[int] | None = None, position_ids: Tensor | None = None) -> Generation:
+        """`position_ids` [3, 1, L]: explicit 3-D rotary positions of the prompt (Qwen2.5-VL, Cosmos3-Edge); each
+        generated token then takes the next position after the largest, on all three axes, as Hugging Face does."""
         from transformers import DynamicCache
 
         cache = DynamicCache()
         start = time.perf_counter()
-        out = self.decoder(inputs_embeds=embeds, cache=cache, use_cache=True)
+        out = self.decoder(inputs_embeds=embeds, cache=cache, use_cache=True, position_ids=position_ids)
         first = self.lm_head(out.last_hidden_state[:, -1]).float()[0].numpy()
         prefill = time.perf_counter() - start
-        position = embeds.shape[1]
+        position = embeds.shape[1] if position_ids is None else int(position_ids.max()) + 1
+        axes = 1 if position_ids is None else position_ids.shape[0]
 
         def step(embedding: Tensor) -> np.ndarray:
             nonlocal position
-            out = self.decoder(inputs_embeds=embedding, cache=cache, use_cache=True,
-                               position_ids=torch.tensor([[position]]))
+            ids = torch.tensor([[position]]) if axes == 1 else torch.full((axes, 1, 1), position)
+            out = self.decoder(inputs_embeds=embedding, cache=cache, use_cache=True, position_ids=ids)
             position += 1
             return self.lm_head(out.last_hidden_state[:, -1]).float()[0].numpy()
 

@@ -19,6 +19,7 @@ from aot_export.preprocess import Preprocessing, preprocess_frames
 from aot_export.report import format_table
 
 from .llm import load_llm
+from .positions import assemble_positioned, full_index
 from .prompt import assemble, chat_ids
 from aot_export.video import decode_frames
 from .vision import artifact_kind, open_vision
@@ -66,17 +67,25 @@ class Pipeline:
             self.adapter = adapter or load_model(self.manifest.model["model_id"])
             if not reduce:
                 self.vision = None
-        self.frames = self.manifest.aot.frames if self.manifest else DEFAULT_FRAMES
+        self.frames = self.manifest.video_frames if self.manifest else DEFAULT_FRAMES
         self.preprocessing: Preprocessing = (self.manifest.preprocessing if self.manifest
                                              else self.adapter.preprocessing)
         self.llm = load_llm(llm, self.adapter)
         self.eos = self.adapter.tokenizer.eos_token_id
 
     def visual_tokens(self, pixels: np.ndarray) -> torch.Tensor:
+        return self.visual_tokens_at(pixels)[0]
+
+    def visual_tokens_at(self, pixels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens [n, H], index [n, 3]): the reduced tokens, or every token of HF's video path on the full grid."""
         if self.vision is None:
-            return self.adapter.full_video_features(torch.from_numpy(pixels))[:-1]     # newline re-added below
-        tokens, _ = self.vision.run(pixels)
-        return torch.from_numpy(np.asarray(tokens, dtype=np.float32))
+            features = self.adapter.full_video_features(torch.from_numpy(pixels))
+            if self.adapter.image_newline is not None:
+                features = features[:-1]                                            # newline re-added below
+            steps = self.adapter.aot_frames(len(pixels))
+            return features, full_index(steps, self.adapter.info.grid)
+        tokens, index = self.vision.run(pixels)
+        return torch.from_numpy(np.asarray(tokens, dtype=np.float32)), torch.from_numpy(np.asarray(index))
 
     def answer(self, video: str | Path, prompt: str, max_new_tokens: int = 32) -> RunReport:
         chat_ids(self.adapter, prompt)          # a bad prompt is refused before the video is decoded
@@ -92,12 +101,16 @@ class Pipeline:
         pixels = preprocess_frames(frames, self.preprocessing)
         seconds["preprocess"] = time.perf_counter() - start
         start = time.perf_counter()
-        visual = self.visual_tokens(pixels)
+        visual, index = self.visual_tokens_at(pixels)
         seconds["vision + AOT" if self.reduce else "vision"] = time.perf_counter() - start
         start = time.perf_counter()
-        inputs = assemble(self.adapter, prompt, visual)
+        if self.adapter.image_newline is None:                  # 3-D rotary positions from the index
+            inputs = assemble_positioned(self.adapter, prompt, visual, index)
+            positions = {"position_ids": inputs.position_ids}
+        else:
+            inputs, positions = assemble(self.adapter, prompt, visual), {}
         seconds["prompt assembly"] = time.perf_counter() - start
-        generation = self.llm.generate(inputs.embeds, max_new_tokens, eos=self.eos)
+        generation = self.llm.generate(inputs.embeds, max_new_tokens, eos=self.eos, **positions)
         seconds["LLM prefill (TTFT)"] = generation.prefill_s
         seconds["LLM decode"] = generation.decode_s
         answer = self.adapter.tokenizer.decode(generation.tokens, skip_special_tokens=True)

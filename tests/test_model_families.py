@@ -266,3 +266,17 @@ def test_reduced_tokens_keep_their_original_positions(family):
         return prompt.position_ids[..., last:]
 
     assert after_video(full).shape[-1] > 5 and torch.equal(after_video(full), after_video(reduced))
+
+
+def test_run_with_and_without_aot(family_export, family, shared_videos):
+    """`aot-export run` on a family's export: the reduced video takes output_tokens prompt positions, the full one
+    every merged token; the LLM (transformers fp32) decodes from the 3-D positions either way."""
+    from runtime.pipeline import Pipeline
+
+    cfg = family_cfg(family)
+    reports = {reduce: Pipeline(str(family_export), llm="transformers", reduce=reduce, adapter=family).answer(
+        shared_videos[0], PROMPT, max_new_tokens=3) for reduce in (True, False)}
+    assert reports[True].visual_tokens == cfg.output_tokens
+    assert reports[False].visual_tokens == cfg.frames * cfg.grid ** 2
+    assert reports[False].prompt_tokens - reports[True].prompt_tokens == cfg.frames * cfg.grid ** 2 - cfg.output_tokens
+    assert all(report.generated_tokens == 3 for report in reports.values())

@@ -280,3 +280,25 @@ def test_run_with_and_without_aot(family_export, family, shared_videos):
     assert reports[False].visual_tokens == cfg.frames * cfg.grid ** 2
     assert reports[False].prompt_tokens - reports[True].prompt_tokens == cfg.frames * cfg.grid ** 2 - cfg.output_tokens
     assert all(report.generated_tokens == 3 for report in reports.values())
+
+
+def test_onnx_decoder_takes_3d_positions(tmp_path):
+    """Qwen2.5-VL's text model through onnxruntime-genai's builder (fp32 here, to compare exactly; int4 is the same
+    graph with 4-bit weights): prefill and decode logits equal the transformers decoder's on 3-D positions."""
+    from runtime.llm import OnnxDecoder, TransformersDecoder, build_onnx_decoder
+    from runtime.positions import assemble_positioned, full_index
+
+    adapter = load_model("tiny-qwen2.5-vl")
+    directory = build_onnx_decoder(adapter, tmp_path / "llm", precision="fp32", progress=False)
+    frames = adapter.example_frames(VIDEO_FRAMES, seed=8)
+    prompt = assemble_positioned(adapter, PROMPT, adapter.full_video_features(frames),
+                                 full_index(adapter.aot_frames(VIDEO_FRAMES), adapter.info.grid))
+    want = TransformersDecoder(adapter).generate(prompt.embeds, 4, position_ids=prompt.position_ids)
+    got = OnnxDecoder(directory, adapter).generate(prompt.embeds, 4, forced=want.tokens,
+                                                   position_ids=prompt.position_ids)
+    assert max(np.abs(a - b).max() for a, b in zip(want.step_logits, got.step_logits)) < 1e-4
+
+
+def test_cosmos_has_no_onnx_decoder(tmp_path, capsys):
+    err = bad_input(capsys, ["quantize-llm", "--model", "tiny-cosmos3-edge", "--out", str(tmp_path / "llm")])
+    assert "does not support the Cosmos3-Edge text model" in err and not (tmp_path / "llm").exists()

@@ -26,7 +26,7 @@ from ..preprocess import Preprocessing
 from .base import ModelAdapter, ModelInfo, config_hash
 from .llava_onevision import checkpoint_tokenizer, tiny_tokenizer
 from .merged_grid import (MERGED_GRID_POOLING, MergedGridVisionAOT, StaticGrid, attention_weights, build_random,
-                          load_pretrained, merged_scores, patchify, received_from_weights, save_causal_lm,
+                          load_pretrained, merged_scores, patchify, received_from_weights,
                           static_preprocessing)
 
 SHALLOW_LAYER = 5
@@ -241,9 +241,10 @@ class Cosmos3EdgeAdapter(ModelAdapter):
         return torch.cat(self.model.model.get_video_features(pixels, grid_thw).pooler_output)
 
     def save_language_model(self, directory: Path) -> Path:
-        """The LLM alone as a Hugging Face checkpoint of its own text model type."""
-        return save_causal_lm(self.model.config.text_config, self.model.model.language_model, self.model.lm_head,
-                              self.tokenizer, directory)
+        """onnxruntime-genai's model builder (0.18) has no Cosmos3-Edge text model (relu² MLP, 3-D rotary sections), so
+        there is no int4 ONNX decoder to build from it."""
+        raise InputError(f"{self.info.model_id}: onnxruntime-genai's model builder does not support the Cosmos3-Edge "
+                         "text model; run its LLM with --llm transformers or transformers-int8")
 
 
 TINY_PREPROCESSING = Preprocessing(size=256, mean=COSMOS_PREPROCESSING.mean, std=COSMOS_PREPROCESSING.std)

@@ -170,21 +170,3 @@ def build_random(model_class: Any, config: Any, seed: int) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return model_class(config).eval()
-
-
-def save_causal_lm(text_config: Any, language_model: nn.Module, lm_head: nn.Module, tokenizer: Any,
-                   directory: Path) -> Path:
-    """The LLM alone as a Hugging Face causal-LM checkpoint (config, safetensors, tokenizer)."""
-    import copy
-
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        causal = AutoModelForCausalLM.from_config(copy.deepcopy(text_config))
-    state = {f"model.{k}": v for k, v in language_model.state_dict().items()}
-    state["lm_head.weight"] = lm_head.weight
-    causal.load_state_dict(state, assign=True, strict=True)
-    causal.save_pretrained(directory)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
-    return directory

@@ -27,7 +27,7 @@ from ..preprocess import Preprocessing
 from .base import ModelAdapter, ModelInfo, config_hash
 from .llava_onevision import checkpoint_tokenizer, tiny_tokenizer
 from .merged_grid import (MERGED_GRID_POOLING, MergedGridVisionAOT, StaticGrid, attention_weights, build_random,
-                          load_pretrained, merged_scores, patchify, received_from_weights, save_causal_lm,
+                          load_pretrained, merged_scores, patchify, received_from_weights,
                           static_preprocessing)
 
 # Fixed input of an export: 448 px gives a 16×16 merged grid (4×4 windows of 112 px) per temporal patch.
@@ -309,14 +309,13 @@ class Qwen2_5_VLAdapter(ModelAdapter):
         return torch.cat(self.model.model.get_video_features(pixels, grid_thw).pooler_output)
 
     def save_language_model(self, directory: Path) -> Path:
-        """The LLM alone as a Qwen2 checkpoint (its text config carries the 3-D rotary sections)."""
-        from transformers import Qwen2Config
-
-        text = self.model.config.text_config.to_dict()
-        text.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"],
-                    tie_word_embeddings=self.model.config.tie_word_embeddings)
-        return save_causal_lm(Qwen2Config(**{k: v for k, v in text.items() if k != "rope_scaling"}),
-                              self.model.model.language_model, self.model.lm_head, self.tokenizer, directory)
+        """The checkpoint as Hugging Face saves it (config, safetensors, tokenizer): onnxruntime-genai's model builder
+        takes `Qwen2_5_VLForConditionalGeneration` and builds its text model alone, with a 3-D `position_ids`
+        input (a plain Qwen2 export would lose the 3-D rotary sections)."""
+        self.model.save_pretrained(directory)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(directory)
+        return directory
 
 
 TINY_PREPROCESSING = Preprocessing(size=224, mean=QWEN_PREPROCESSING.mean, std=QWEN_PREPROCESSING.std)

@@ -21,7 +21,7 @@ from aot_export.manifest import read_manifest
 from aot_export.report import format_table
 
 from .llm import TransformersDecoder, load_llm
-from .prompt import assemble
+from .positions import assemble_for
 from .validate import ValidationReport, reference_model, validate_export
 
 DEFAULT_PROMPT = "What is happening in this video?"
@@ -108,14 +108,16 @@ def validate_chain(directory: str | os.PathLike, video: str | os.PathLike, llm: 
     manifest = read_manifest(directory)
     adapter = reference_model(manifest, model)
     vision = validate_export(directory, video, model=adapter, device=device, progress=progress)
-    reference_tokens, deployed_tokens = (torch.from_numpy(np.asarray(vision.outputs[side]["tokens"]))
-                                         for side in ("reference", "export"))
-
-    reference = TransformersDecoder(adapter).generate(assemble(adapter, prompt, reference_tokens).embeds, tokens)
+    # Each side's prompt from its own tokens and index (3-D positions where the family has them).
+    (reference_inputs, reference_kwargs), (deployed_inputs, deployed_kwargs) = (
+        assemble_for(adapter, prompt, *(torch.from_numpy(np.asarray(vision.outputs[side][name]))
+                                        for name in ("tokens", "index")))
+        for side in ("reference", "export"))
+    reference = TransformersDecoder(adapter).generate(reference_inputs.embeds, tokens, **reference_kwargs)
     backend = load_llm(llm, adapter)
-    deployed_inputs = assemble(adapter, prompt, deployed_tokens)
-    forced = backend.generate(deployed_inputs.embeds, len(reference.tokens), forced=reference.tokens)
-    free = backend.generate(deployed_inputs.embeds, len(reference.tokens))
+    forced = backend.generate(deployed_inputs.embeds, len(reference.tokens), forced=reference.tokens,
+                              **deployed_kwargs)
+    free = backend.generate(deployed_inputs.embeds, len(reference.tokens), **deployed_kwargs)
     agree = [int(np.argmax(d)) == t for d, t in zip(forced.step_logits, reference.tokens)]
     diverged = next((i for i, (a, b) in enumerate(zip(free.tokens, reference.tokens)) if a != b), len(free.tokens))
     metrics = {"first_token_kl": kl_divergence(reference.step_logits[0], forced.step_logits[0]),

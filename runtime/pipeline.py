@@ -19,8 +19,8 @@ from aot_export.preprocess import Preprocessing, preprocess_frames
 from aot_export.report import format_table
 
 from .llm import load_llm
-from .positions import assemble_positioned, full_index
-from .prompt import assemble, chat_ids
+from .positions import assemble_for, full_index
+from .prompt import chat_ids
 from aot_export.video import decode_frames
 from .vision import artifact_kind, open_vision
 
@@ -104,11 +104,7 @@ class Pipeline:
         visual, index = self.visual_tokens_at(pixels)
         seconds["vision + AOT" if self.reduce else "vision"] = time.perf_counter() - start
         start = time.perf_counter()
-        if self.adapter.image_newline is None:                  # 3-D rotary positions from the index
-            inputs = assemble_positioned(self.adapter, prompt, visual, index)
-            positions = {"position_ids": inputs.position_ids}
-        else:
-            inputs, positions = assemble(self.adapter, prompt, visual), {}
+        inputs, positions = assemble_for(self.adapter, prompt, visual, index)
         seconds["prompt assembly"] = time.perf_counter() - start
         generation = self.llm.generate(inputs.embeds, max_new_tokens, eos=self.eos, **positions)
         seconds["LLM prefill (TTFT)"] = generation.prefill_s

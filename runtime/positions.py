@@ -22,7 +22,7 @@ from torch import Tensor
 
 from aot_export.errors import InputError
 
-from .prompt import chat_ids
+from .prompt import PromptInputs, assemble, chat_ids
 
 
 @dataclass(frozen=True)
@@ -131,3 +131,12 @@ def prefill_logits(adapter, prompt: PositionedPrompt) -> Tensor:
     decoder, lm_head = adapter.decoder()
     out = decoder(inputs_embeds=prompt.embeds, position_ids=prompt.position_ids, use_cache=False)
     return lm_head(out.last_hidden_state)[0].float()
+
+
+def assemble_for(adapter, prompt: str, visual: Tensor, index: Tensor) -> tuple[PromptInputs | PositionedPrompt, dict]:
+    """The prompt as the adapter's family builds it, and what the LLM backends' `generate` needs besides the
+    embeddings: explicit 3-D positions for the families without LLaVA-OneVision's newline token."""
+    if adapter.image_newline is None:
+        inputs = assemble_positioned(adapter, prompt, visual, index)
+        return inputs, {"position_ids": inputs.position_ids}
+    return assemble(adapter, prompt, visual), {}

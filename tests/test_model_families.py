@@ -302,3 +302,12 @@ def test_onnx_decoder_takes_3d_positions(tmp_path):
 def test_cosmos_has_no_onnx_decoder(tmp_path, capsys):
     err = bad_input(capsys, ["quantize-llm", "--model", "tiny-cosmos3-edge", "--out", str(tmp_path / "llm")])
     assert "does not support the Cosmos3-Edge text model" in err and not (tmp_path / "llm").exists()
+
+
+def test_chain_validation(family_export, shared_videos):
+    """`validate --llm`: both sides' prompts carry their own 3-D positions; int8 against the fp32 reference."""
+    from runtime.chain import validate_chain
+
+    report = validate_chain(family_export, shared_videos[0], "transformers-int8", tokens=4, progress=False)
+    assert report.passed, report.table()
+    assert report.metrics["first_token_top1"] == 1.0

@@ -230,7 +230,8 @@ def _bench(args: argparse.Namespace) -> int:
     from runtime.ratios import run_bench
 
     report = run_bench(widths=tuple(args.widths), encoder_frames=args.encoder_frames, repeats=args.repeats,
-                       graph_frames=args.graph_frames, retentions=tuple(args.retentions), frames=args.frames)
+                       graph_frames=args.graph_frames, retentions=tuple(args.retentions), frames=args.frames,
+                       model=args.model)
     print(report.table())
     write_json(args.json, report.to_dict())
     return EXIT_OK
@@ -245,6 +246,8 @@ def _add_bench(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retentions", type=float, nargs="*", default=[0.10, 0.15, 0.20, 0.25],
                         help="retentions for the LLM prefill comparison (none: skip)")
     parser.add_argument("--frames", type=int, default=32, help="video frames behind the prefill lengths (32)")
+    parser.add_argument("--model", default="tiny-llava-ov",
+                        help="built-in model or checkpoint for the graph and the visual token counts (tiny-llava-ov)")
 
 
 def _visualize(args: argparse.Namespace) -> int:

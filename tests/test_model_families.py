@@ -311,3 +311,13 @@ def test_chain_validation(family_export, shared_videos):
     report = validate_chain(family_export, shared_videos[0], "transformers-int8", tokens=4, progress=False)
     assert report.passed, report.table()
     assert report.metrics["first_token_top1"] == 1.0
+
+
+def test_visualize_draws_one_picture_per_temporal_patch(tmp_path, shared_videos):
+    from runtime.visualize import visualize
+
+    adapter = load_model("tiny-qwen2.5-vl")
+    cfg = family_cfg(adapter)
+    info = visualize(adapter, shared_videos[0], tmp_path / "overlay.png", cfg, frames_shown=None, progress=False)
+    assert info["frames_shown"] == list(range(cfg.frames)) and info["random_weights"]
+    assert (tmp_path / "overlay.png").stat().st_size == info["png_bytes"] > 0

@@ -37,7 +37,8 @@ def library_versions() -> dict[str, str]:
 
 def tensor_specs(cfg: AOTConfig, adapter: ModelAdapter) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
     size = adapter.info.image_size
-    return ((TensorSpec("frames", (cfg.frames, 3, size, size), "float32"),),
+    video_frames = cfg.frames * adapter.info.temporal_patch
+    return ((TensorSpec("frames", (video_frames, 3, size, size), "float32"),),
             (TensorSpec("tokens", (cfg.output_tokens, adapter.info.hidden), "float32"),
              TensorSpec("index", (cfg.output_tokens, 3), "int32")))
 
@@ -58,7 +59,8 @@ def export_vision_aot(model: str | ModelAdapter, cfg: AOTConfig, out_dir: str | 
         adapter.check_fits(cfg)
         module = adapter.vision_aot(cfg)
     with stages.step():
-        program = trace_onnx(module, (adapter.example_frames(cfg.frames),), INPUTS, OUTPUTS)
+        program = trace_onnx(module, (adapter.example_frames(cfg.frames * adapter.info.temporal_patch),),
+                             INPUTS, OUTPUTS)
     with atomic_dir(out_dir) as staging:
         with stages.step():
             files = save_onnx(program, staging / GRAPH, external_data=True)
@@ -76,17 +78,18 @@ def export_vision_aot(model: str | ModelAdapter, cfg: AOTConfig, out_dir: str | 
 
 
 def solve_config(frames: int, retention: float | None, anchors: int | None, pooled_anchors: int | None,
-                 keep: int | None, grid: int, clip_len: int | None = None) -> AOTConfig:
-    """The CLI's budget options → a config on the model's grid: a target retention, explicit budgets, or the
-    reference defaults."""
+                 keep: int | None, grid: int, clip_len: int | None = None, **model_fields) -> AOTConfig:
+    """The CLI's budget options → a config on the model's grid (and pooling: `model_fields`, from
+    `ModelAdapter.aot_fields`): a target retention, explicit budgets, or the reference defaults."""
     if retention is not None:
         if pooled_anchors is not None or keep is not None:
             raise ValueError("give either --retention or --pooled-anchors/--keep, not both")
     if clip_len is None:
         clip_len = AOTConfig.clip_len if frames % AOTConfig.clip_len == 0 else 1
     if retention is not None:
-        return AOTConfig.from_retention(frames, retention, anchors=anchors, grid=grid, clip_len=clip_len)
+        return AOTConfig.from_retention(frames, retention, anchors=anchors, grid=grid, clip_len=clip_len,
+                                        **model_fields)
     budget = {k: v for k, v in (("anchors", anchors), ("pooled_anchors", pooled_anchors), ("keep", keep))
               if v is not None}
-    return AOTConfig(frames=frames, grid=grid, clip_len=clip_len, **budget)
+    return AOTConfig(frames=frames, grid=grid, clip_len=clip_len, **model_fields, **budget)
 

@@ -74,6 +74,11 @@ class Manifest:
         return path
 
     @property
+    def video_frames(self) -> int:
+        """Decoded frames the graph takes (AOT's frames times the model's temporal patch)."""
+        return self.inputs[0].shape[0]
+
+    @property
     def graph(self) -> str:
         return next(name for name in self.files if name.endswith(".onnx"))
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,7 +21,7 @@ from aot_export.fidelity import CHAIN_GATES, Gates, gate_checks
 from aot_export.report import format_table
 
 from .llm import TransformersDecoder, load_llm
-from .prompt import assemble
+from .positions import assemble_for
 from .validate import ValidationReport, validate_export
 from .vision import model_adapter, resolve_artifact
 
@@ -117,17 +116,20 @@ def validate_chain(directory: str | os.PathLike, video: str | os.PathLike, llm: 
                    tokens: int = 16, model: str | None = None, device: str = "auto",
                    progress: bool = True, backend: str | None = None,
                    export: str | os.PathLike | None = None) -> ChainReport:
-    adapter = model_adapter(resolve_artifact(directory, export), model)
+    artifact = resolve_artifact(directory, export)
+    adapter = model_adapter(artifact, model)
     vision = validate_export(directory, video, model=adapter, device=device, progress=progress, backend=backend,
                              export=export)
-    reference_tokens, deployed_tokens = (torch.from_numpy(np.asarray(vision.outputs[side]["tokens"]))
-                                         for side in ("reference", "export"))
-
-    reference = TransformersDecoder(adapter).generate(assemble(adapter, prompt, reference_tokens).embeds, tokens)
+    # Each side's prompt from its own tokens and index (3-D positions where the family has them).
+    (reference_inputs, reference_kwargs), (deployed_inputs, deployed_kwargs) = (
+        assemble_for(adapter, prompt, *(torch.from_numpy(np.asarray(vision.outputs[side][name]))
+                                        for name in ("tokens", "index")), artifact.manifest.aot.frames)
+        for side in ("reference", "export"))
+    reference = TransformersDecoder(adapter).generate(reference_inputs.embeds, tokens, **reference_kwargs)
     deployed_llm = load_llm(llm, adapter)
-    deployed_inputs = assemble(adapter, prompt, deployed_tokens)
-    forced = deployed_llm.generate(deployed_inputs.embeds, len(reference.tokens), forced=reference.tokens)
-    free = deployed_llm.generate(deployed_inputs.embeds, len(reference.tokens))
+    forced = deployed_llm.generate(deployed_inputs.embeds, len(reference.tokens), forced=reference.tokens,
+                                   **deployed_kwargs)
+    free = deployed_llm.generate(deployed_inputs.embeds, len(reference.tokens), **deployed_kwargs)
     diverged = next((i for i, (a, b) in enumerate(zip(free.tokens, reference.tokens)) if a != b), len(free.tokens))
     metrics = {"first_token_kl": kl_divergence(reference.step_logits[0], forced.step_logits[0]),
                **top1_agreement(reference.step_logits, forced.step_logits),

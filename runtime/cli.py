@@ -12,7 +12,7 @@ import sys
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 from aot_export.errors import CheckFailed, InputError
 from aot_export.report import format_table, peak_rss_mib, write_json
@@ -37,12 +37,12 @@ def _export(args: argparse.Namespace) -> int:
     if args.config:
         cfg = AOTConfig.from_json(_read_text(args.config))
     else:
-        cfg = solve_config(args.frames, args.retention, args.anchors, args.pooled_anchors, args.keep,
-                           grid=adapter.info.grid, clip_len=args.clip_len)
+        cfg = solve_config(adapter.aot_frames(args.frames), args.retention, args.anchors, args.pooled_anchors,
+                           args.keep, clip_len=args.clip_len, **adapter.aot_fields())
     result = export_vision_aot(adapter, cfg, args.out, progress=not args.quiet)
     result.seconds["load model"] = load_seconds
     sizes = {name: (result.directory / name).stat().st_size for name in result.manifest.files}
-    rows = [("model", adapter.info.model_id), ("frames", cfg.frames),
+    rows = [("model", adapter.info.model_id), ("frames", cfg.frames * adapter.info.temporal_patch),
             ("visual tokens without AOT", cfg.input_tokens), ("visual tokens with AOT", cfg.output_tokens),
             ("retention", f"{cfg.retention:.2%}"),
             ("anchors / pooled anchors / keep", f"{cfg.anchors} / {cfg.pooled_anchors} / {cfg.keep}"),
@@ -237,7 +237,8 @@ def _bench(args: argparse.Namespace) -> int:
     from runtime.ratios import run_bench
 
     report = run_bench(widths=tuple(args.widths), encoder_frames=args.encoder_frames, repeats=args.repeats,
-                       graph_frames=args.graph_frames, retentions=tuple(args.retentions), frames=args.frames)
+                       graph_frames=args.graph_frames, retentions=tuple(args.retentions), frames=args.frames,
+                       model=args.model)
     print(report.table())
     write_json(args.json, report.to_dict())
     return EXIT_OK
@@ -252,6 +253,8 @@ def _add_bench(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retentions", type=float, nargs="*", default=[0.10, 0.15, 0.20, 0.25],
                         help="retentions for the LLM prefill comparison (none: skip)")
     parser.add_argument("--frames", type=int, default=32, help="video frames behind the prefill lengths (32)")
+    parser.add_argument("--model", default="tiny-llava-ov",
+                        help="built-in model or checkpoint for the graph and the visual token counts (tiny-llava-ov)")
 
 
 def _visualize(args: argparse.Namespace) -> int:
@@ -264,8 +267,8 @@ def _visualize(args: argparse.Namespace) -> int:
     artifact = resolve_artifact(args.model)
     adapter = model_adapter(artifact)
     cfg = (artifact.manifest.aot if artifact.manifest is not None else
-           solve_config(args.frames, args.retention, args.anchors, args.pooled_anchors, args.keep,
-                        grid=adapter.info.grid, clip_len=args.clip_len))
+           solve_config(adapter.aot_frames(args.frames), args.retention, args.anchors, args.pooled_anchors,
+                        args.keep, clip_len=args.clip_len, **adapter.aot_fields()))
     shown = None if args.frames_shown == "all" else int(args.frames_shown)
     info = visualize(adapter, args.video, args.out, cfg, frames_shown=shown, progress=not args.quiet)
     model = info["model"] + (" (random weights)" if info["random_weights"] else "")

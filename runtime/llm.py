@@ -89,20 +89,23 @@ class TransformersDecoder:
 
     @torch.inference_mode()
     def generate(self, embeds: Tensor, max_new_tokens: int, eos: int | None = None,
-                 forced: list[int] | None = None) -> Generation:
+                 forced: list[int] | None = None, position_ids: Tensor | None = None) -> Generation:
+        """`position_ids` [3, 1, L]: explicit 3-D rotary positions of the prompt (Qwen2.5-VL, Cosmos3-Edge); each
+        generated token then takes the next position after the largest, on all three axes, as Hugging Face does."""
         from transformers import DynamicCache
 
         cache = DynamicCache()
         start = time.perf_counter()
-        out = self.decoder(inputs_embeds=embeds, cache=cache, use_cache=True)
+        out = self.decoder(inputs_embeds=embeds, cache=cache, use_cache=True, position_ids=position_ids)
         first = self.lm_head(out.last_hidden_state[:, -1]).float()[0].numpy()
         prefill = time.perf_counter() - start
-        position = embeds.shape[1]
+        position = embeds.shape[1] if position_ids is None else int(position_ids.max()) + 1
+        axes = 1 if position_ids is None else position_ids.shape[0]
 
         def step(embedding: Tensor) -> np.ndarray:
             nonlocal position
-            out = self.decoder(inputs_embeds=embedding, cache=cache, use_cache=True,
-                               position_ids=torch.tensor([[position]]))
+            ids = torch.tensor([[position]]) if axes == 1 else torch.full((axes, 1, 1), position)
+            out = self.decoder(inputs_embeds=embedding, cache=cache, use_cache=True, position_ids=ids)
             position += 1
             return self.lm_head(out.last_hidden_state[:, -1]).float()[0].numpy()
 
@@ -123,7 +126,7 @@ class OnnxDecoder:
 
         self.directory = Path(self.directory)
         manifest = read_llm_manifest(self.directory)
-        hidden = self.adapter.image_newline.shape[-1]
+        hidden = self.adapter.info.hidden
         if manifest["hidden_size"] != hidden or manifest["config_hash"] != self.adapter.info.config_hash:
             raise InputError(f"{self.directory} was built from {manifest['model_id']} (hidden "
                              f"{manifest['hidden_size']}, config {manifest['config_hash']}), not from "
@@ -133,10 +136,13 @@ class OnnxDecoder:
         self.layers, self.kv_heads, self.head_size = (config["num_hidden_layers"], config["num_key_value_heads"],
                                                       config["head_size"])
         self.session = ort.InferenceSession(str(self.directory / config["filename"]), providers=list(self.providers))
+        self.position_axes = next((len(i.shape) for i in self.session.get_inputs() if i.name == "position_ids"), 0)
         self.name = f"onnx-{manifest['precision']}"
 
-    def _run(self, embeds: np.ndarray, past: dict[str, np.ndarray], total: int):
+    def _run(self, embeds: np.ndarray, past: dict[str, np.ndarray], total: int, positions: np.ndarray | None = None):
         feeds = {"inputs_embeds": embeds.astype(np.float32), "attention_mask": np.ones((1, total), np.int64), **past}
+        if positions is not None:
+            feeds["position_ids"] = positions.astype(np.int64)
         outputs = self.session.run(None, feeds)
         names = [o.name for o in self.session.get_outputs()]
         result = dict(zip(names, outputs))
@@ -145,18 +151,29 @@ class OnnxDecoder:
         return result["logits"][0, -1], present
 
     def generate(self, embeds: Tensor, max_new_tokens: int, eos: int | None = None,
-                 forced: list[int] | None = None) -> Generation:
+                 forced: list[int] | None = None, position_ids: Tensor | None = None) -> Generation:
+        """`position_ids` [3, 1, L] as for `TransformersDecoder.generate`; the decoder must take them (the builder
+        gives Qwen2.5-VL's text model a 3-D `position_ids` input)."""
+        if position_ids is not None and self.position_axes != 3:
+            raise InputError(f"{self.directory}: this ONNX decoder has no 3-D position_ids input, so it cannot place "
+                             "visual tokens at their (t, h, w) positions; rebuild it with `aot-export quantize-llm` "
+                             "from a Qwen2.5-VL checkpoint or use --llm transformers")
         empty = np.zeros((1, self.kv_heads, 0, self.head_size), np.float32)
         past = {f"past_key_values.{i}.{kind}": empty for i in range(self.layers) for kind in ("key", "value")}
         length = embeds.shape[1]
+        positions = None if position_ids is None else position_ids.numpy()
         start = time.perf_counter()
-        first, past = self._run(embeds.numpy(), past, length)
+        first, past = self._run(embeds.numpy(), past, length, positions)
         prefill = time.perf_counter() - start
+        position = None if positions is None else int(positions.max()) + 1
 
         def step(embedding: Tensor) -> np.ndarray:
-            nonlocal past, length
+            nonlocal past, length, position
             length += 1
-            logits, past = self._run(embedding.numpy(), past, length)
+            logits, past = self._run(embedding.numpy(), past, length,
+                                     None if position is None else np.full((3, 1, 1), position))
+            if position is not None:
+                position += 1
             return logits
 
         start = time.perf_counter()
@@ -190,7 +207,7 @@ def build_onnx_decoder(adapter, out_dir: str | os.PathLike, precision: str = "in
         shutil.rmtree(staging / "cache", ignore_errors=True)
         files = sorted(p.name for p in staging.iterdir())
         manifest = {"model_id": adapter.info.model_id, "config_hash": adapter.info.config_hash,
-                    "hidden_size": int(adapter.image_newline.shape[-1]), "precision": precision,
+                    "hidden_size": adapter.info.hidden, "precision": precision,
                     "execution_provider": execution_provider, "builder": "onnxruntime_genai.models.builder",
                     "inputs_embeds": True, "files": hash_files(staging, files)}
         (staging / LLM_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

@@ -18,7 +18,8 @@ from aot_export.preprocess import Preprocessing, preprocess_frames
 from aot_export.report import format_table
 
 from .llm import load_llm
-from .prompt import assemble, chat_ids
+from .positions import assemble_for, full_index
+from .prompt import chat_ids
 from aot_export.video import decode_frames
 from .vision import model_adapter, open_runner, resolve_artifact
 
@@ -61,7 +62,7 @@ class Pipeline:
         self.adapter = model_adapter(artifact, adapter)
         self.manifest = artifact.manifest
         self.vision = open_runner(artifact, backend, device, self.adapter) if reduce else None
-        self.frames = self.manifest.aot.frames if self.manifest else DEFAULT_FRAMES
+        self.frames = self.manifest.video_frames if self.manifest else DEFAULT_FRAMES
         self.preprocessing: Preprocessing = (self.manifest.preprocessing if self.manifest
                                              else self.adapter.preprocessing)
         self.llm = load_llm(llm, self.adapter)
@@ -80,10 +81,19 @@ class Pipeline:
         self.close()
 
     def visual_tokens(self, pixels: np.ndarray) -> torch.Tensor:
+        return self.visual_tokens_at(pixels)[0]
+
+    def visual_tokens_at(self, pixels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens [n, H], index [n, 3]): the reduced tokens, or every token of HF's video path on the full grid."""
         if self.vision is None:
-            return self.adapter.full_video_features(torch.from_numpy(pixels))[:-1]     # newline re-added below
-        tokens = self.vision.run(pixels)["tokens"]
-        return torch.from_numpy(np.asarray(tokens, dtype=np.float32))
+            features = self.adapter.full_video_features(torch.from_numpy(pixels))
+            if self.adapter.image_newline is not None:
+                features = features[:-1]                                            # newline re-added below
+            steps = self.adapter.aot_frames(len(pixels))
+            return features, full_index(steps, self.adapter.info.grid)
+        outputs = self.vision.run(pixels)
+        return (torch.from_numpy(np.asarray(outputs["tokens"], dtype=np.float32)),
+                torch.from_numpy(np.asarray(outputs["index"])))
 
     def answer(self, video: str | Path, prompt: str, max_new_tokens: int = 32) -> RunReport:
         chat_ids(self.adapter, prompt)          # a bad prompt is refused before the video is decoded
@@ -99,12 +109,13 @@ class Pipeline:
         pixels = preprocess_frames(frames, self.preprocessing)
         seconds["preprocess"] = time.perf_counter() - start
         start = time.perf_counter()
-        visual = self.visual_tokens(pixels)
+        visual, index = self.visual_tokens_at(pixels)
         seconds["vision + AOT" if self.reduce else "vision"] = time.perf_counter() - start
         start = time.perf_counter()
-        inputs = assemble(self.adapter, prompt, visual)
+        inputs, positions = assemble_for(self.adapter, prompt, visual, index,
+                                         self.adapter.aot_frames(len(pixels)))
         seconds["prompt assembly"] = time.perf_counter() - start
-        generation = self.llm.generate(inputs.embeds, max_new_tokens, eos=self.eos)
+        generation = self.llm.generate(inputs.embeds, max_new_tokens, eos=self.eos, **positions)
         seconds["LLM prefill (TTFT)"] = generation.prefill_s
         seconds["LLM decode"] = generation.decode_s
         answer = self.adapter.tokenizer.decode(generation.tokens, skip_special_tokens=True)

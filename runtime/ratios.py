@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+
+from aot_export.config import AOTConfig
 from aot_export.report import format_table, peak_rss_mib
 
 RETENTIONS = (0.10, 0.15, 0.20, 0.25)
@@ -70,16 +72,27 @@ def reduction_vs_encoder(hidden: int, encoder_frames: int, repeats: int) -> dict
 
 
 @torch.inference_mode()
-def onnxruntime_vs_eager(frames: int, repeats: int) -> dict[str, float]:
+def model_config(adapter, frames: int, retention: float | None = None) -> AOTConfig:
+    """`frames` video frames on the model's grid: the reference budgets where they fit it (LLaVA-OneVision), else 25 %
+    retention (the small merged grids of the tiny Qwen2.5-VL / Cosmos3-Edge built-ins), or `retention`."""
+    from aot_export.export import solve_config
+
+    fields = adapter.aot_fields()
+    try:
+        return solve_config(adapter.aot_frames(frames), retention, None, None, None, **fields)
+    except ValueError:
+        return solve_config(adapter.aot_frames(frames), 0.25, None, None, None, **fields)
+
+
+def onnxruntime_vs_eager(frames: int, repeats: int, model: str = "tiny-llava-ov") -> dict[str, float]:
     import tempfile
 
-    from aot_export import AOTConfig
     from aot_export.adapters import load_model
     from aot_export.export import export_vision_aot
     from aot_export.runners import OnnxRuntimeRunner
 
-    adapter = load_model("tiny-llava-ov")
-    cfg = AOTConfig(frames=frames, clip_len=4 if frames % 4 == 0 else 1)
+    adapter = load_model(model)
+    cfg = model_config(adapter, frames)
     pixels = adapter.example_frames(frames, seed=1)
     module = adapter.vision_aot(cfg)
     with tempfile.TemporaryDirectory() as work:
@@ -88,7 +101,7 @@ def onnxruntime_vs_eager(frames: int, repeats: int) -> dict[str, float]:
             ort_s = best_of(lambda: runner.run(pixels.numpy()), repeats)
             settings = runner.settings
     eager_s = best_of(lambda: module(pixels), repeats)
-    return {"model": "tiny-llava-ov", "frames": frames, "onnxruntime_s": ort_s, "eager_s": eager_s,
+    return {"model": model, "frames": frames, "onnxruntime_s": ort_s, "eager_s": eager_s,
             "ratio": ort_s / eager_s, "onnxruntime_settings": settings}
 
 
@@ -160,20 +173,23 @@ class BenchReport:
 
 def run_bench(widths: tuple[int, ...] = (896, 3584), encoder_frames: int = 2, repeats: int = 2,
               graph_frames: int = 32, retentions: tuple[float, ...] = RETENTIONS,
-              frames: int = 32) -> BenchReport:
-    from aot_export import AOTConfig
+              frames: int = 32, model: str = "tiny-llava-ov") -> BenchReport:
+    """`model` picks the graph timed on ORT vs eager and the grid behind the prefill lengths (visual tokens with and
+    without AOT); the reducer-vs-encoder leg and the prefill decoder are the fixed LLaVA-OneVision-sized ones."""
+    from aot_export.adapters import load_model
 
+    adapter = load_model(model)
     report = BenchReport()
     for hidden in widths:
         report.reduction.append(isolated(reduction_vs_encoder, hidden, encoder_frames, repeats))
     if graph_frames:
-        report.graph = isolated(onnxruntime_vs_eager, graph_frames, repeats)
+        report.graph = isolated(onnxruntime_vs_eager, graph_frames, repeats, model)
     if retentions:
-        cells = AOTConfig(frames=frames).input_tokens
+        cells = model_config(adapter, frames).input_tokens
         full = isolated(prefill, cells + 1)
         report.prefill.append({**full, "label": "without AOT", "theory": 1.0})
         for retention in retentions:
-            cfg = AOTConfig.from_retention(frames, retention)
+            cfg = model_config(adapter, frames, retention)
             result = isolated(prefill, cfg.output_tokens + 1)
             report.prefill.append({**result, "label": f"AOT {retention:.0%} ({cfg.output_tokens} tokens)",
                                    "theory": (cfg.output_tokens + 1 + TEXT_TOKENS) / (cells + 1 + TEXT_TOKENS)})

@@ -84,7 +84,7 @@ def validate_export(directory: str | os.PathLike, video: str | os.PathLike, mode
     runner = open_runner(artifact, backend, device, adapter)          # refusals before any decoding
     stages = Stages(["decode + preprocess", "deployed", "reference", "compare"], progress)
     with stages.step():
-        pixels = preprocess_frames(decode_frames(video, manifest.aot.frames), manifest.preprocessing)
+        pixels = preprocess_frames(decode_frames(video, manifest.video_frames), manifest.preprocessing)
     with stages.step(), runner:
         actual = runner.run(pixels)
     with stages.step(), TorchReferenceRunner(adapter, manifest.aot) as reference_runner:

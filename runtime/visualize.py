@@ -260,11 +260,13 @@ def video_trace(adapter: ModelAdapter, video: str | os.PathLike, cfg: AOTConfig)
     trace the reduction. Returns the frames at the model's input size (uint8 RGB) and the trace."""
     adapter.check_fits(cfg)
     prep = adapter.preprocessing
-    frames = decode_frames(video, cfg.frames)
+    temporal = adapter.info.temporal_patch
+    frames = decode_frames(video, cfg.frames * temporal)
     pixels = torch.from_numpy(preprocess_frames(frames, prep))
     resample = getattr(Image.Resampling, prep.resample.upper())
+    # One picture per AOT frame: the first frame of its temporal patch (Qwen2.5-VL folds 2 frames into one grid).
     shown = np.stack([np.asarray(Image.fromarray(f).resize((prep.size, prep.size), resample=resample))
-                      for f in frames])
+                      for f in frames[::temporal]])
     features, shallow, deep = adapter.encode(cfg, pixels)
     return shown, AOTReducer(cfg).trace(features, shallow, deep)
 

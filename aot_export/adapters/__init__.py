@@ -12,14 +12,18 @@ from typing import Callable
 
 from ..errors import InputError
 from .base import ModelAdapter, ModelInfo
+from .cosmos3_edge import BUILTIN as COSMOS_BUILTIN
+from .cosmos3_edge import Cosmos3EdgeAdapter
 from .llava_onevision import BUILTIN as ONEVISION_BUILTIN
 from .llava_onevision import LlavaOnevisionAdapter
+from .qwen2_5_vl import BUILTIN as QWEN_BUILTIN
+from .qwen2_5_vl import Qwen2_5_VLAdapter
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {
-    LlavaOnevisionAdapter.model_type: LlavaOnevisionAdapter,
+    adapter.model_type: adapter for adapter in (LlavaOnevisionAdapter, Qwen2_5_VLAdapter, Cosmos3EdgeAdapter)
 }
 
-BUILTIN_MODELS: dict[str, Callable[[], ModelAdapter]] = {**ONEVISION_BUILTIN}
+BUILTIN_MODELS: dict[str, Callable[[], ModelAdapter]] = {**ONEVISION_BUILTIN, **QWEN_BUILTIN, **COSMOS_BUILTIN}
 
 
 def load_model(model: str) -> ModelAdapter:

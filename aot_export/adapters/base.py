@@ -27,9 +27,24 @@ class ModelInfo:
     grid: int                # tokens per side of one frame
     image_size: int
     hidden: int              # width of the reduced tokens (the LLM's hidden size)
+    temporal_patch: int = 1  # video frames the tower folds into one grid (Qwen2.5-VL: 2); AOT's "frame" is one grid
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class VideoLayout:
+    """How a family lays a video out in its prompt when it places visual tokens by 3-D rotary positions (t, row,
+    col) instead of closing the video with a learned vector: `start_token` … `end_token` around each block of
+    video-token ids; one block for the whole video, or one per frame (`per_frame`: each frame its own grid, preceded
+    by `frame_stamp` formatted with its time in seconds); a grid's t advances by `time_interval` per frame."""
+
+    start_token: int
+    end_token: int
+    time_interval: float = 1.0
+    per_frame: bool = False
+    frame_stamp: str | None = None
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -85,17 +100,35 @@ class ModelAdapter(ABC):
         score computation."""
 
     def example_frames(self, frames: int, seed: int = 0) -> Tensor:
-        """[frames, 3, S, S] seeded random input (tracing, smoke tests)."""
+        """`frames` video frames [frames, 3, S, S] of seeded random pixels (tracing, smoke tests; graph inputs
+        are video frames)."""
         g = torch.Generator().manual_seed(seed)
         size = self.info.image_size
         return torch.randn(frames, 3, size, size, generator=g)
 
+    def aot_fields(self) -> dict[str, Any]:
+        """The AOTConfig fields this model fixes: its grid and how the VLM pools it (LLaVA-OneVision: 2×2
+        bilinear; a tower whose merger already reduces 2×2 patches: no pooling)."""
+        return {"grid": self.info.grid}
+
+    def aot_frames(self, video_frames: int) -> int:
+        """AOT frames (grids) for `video_frames` decoded frames; refuses a count the temporal patch does not divide."""
+        patch = self.info.temporal_patch
+        if video_frames < 1 or video_frames % patch:
+            raise InputError(f"{video_frames} frames: {self.info.model_id} encodes {patch} frames per temporal "
+                             f"patch; pass a frame count that is a positive multiple of {patch}")
+        return video_frames // patch
+
     def check_fits(self, cfg: AOTConfig) -> None:
-        """A config must be solved for this model's grid; raises `InputError` naming the grid to use."""
+        """A config must be solved for this model's grid (and pooling); raises `InputError` naming what to use."""
         if cfg.grid != self.info.grid:
             raise InputError(f"the AOT config has grid={cfg.grid} but {self.info.model_id} gives a "
                              f"{self.info.grid}×{self.info.grid} grid per frame; solve the config with "
                              f"grid={self.info.grid}")
+        for name, value in self.aot_fields().items():
+            if getattr(cfg, name) != value:
+                raise InputError(f"the AOT config has {name}={getattr(cfg, name)!r} but {self.info.model_id} "
+                                 f"needs {name}={value!r}; solve the config with it")
 
     @abstractmethod
     def full_video_features(self, frames: Tensor) -> Tensor:
@@ -117,8 +150,15 @@ class ModelAdapter(ABC):
 
     @property
     @abstractmethod
-    def image_newline(self) -> Tensor:
-        """[H]: the vector the LLM receives after a video's visual tokens (its width is the LLM's)."""
+    def image_newline(self) -> Tensor | None:
+        """[H]: the vector the LLM receives after a video's visual tokens (LLaVA-OneVision), or None for a family
+        that wraps the video in text tokens instead and places it by 3-D positions (runtime/positions.py)."""
+
+    @property
+    def video_layout(self) -> VideoLayout | None:
+        """The prompt layout of a family with 3-D positions (runtime/positions.py); None (LLaVA-OneVision): visual
+        tokens go in one run at the placeholder, closed by `image_newline`, with 1-D positions."""
+        return None
 
     @abstractmethod
     def embed_tokens(self, ids: Tensor) -> Tensor:

@@ -59,21 +59,22 @@ SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<vi
 TOKENIZER_CORPUS = Path(__file__).with_name("tiny_corpus.txt")
 
 
-def tiny_tokenizer(vocab_size: int = 500) -> "PreTrainedTokenizerFast":
-    """A byte-level BPE with Qwen2's special tokens and LLaVA-OneVision's chat template, trained here on a fixed
-    text: deterministic, nothing downloaded."""
+def tiny_tokenizer(vocab_size: int = 500, special_tokens: tuple[str, ...] = SPECIAL_TOKENS,
+                   chat_template: str = CHAT_TEMPLATE) -> "PreTrainedTokenizerFast":
+    """A byte-level BPE with a model's special tokens and chat template (default: Qwen2's and LLaVA-OneVision's),
+    trained here on a fixed text: deterministic, nothing downloaded."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(TOKENIZER_CORPUS.read_text().splitlines(), trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   additional_special_tokens=list(SPECIAL_TOKENS))
-    fast.chat_template = CHAT_TEMPLATE
+                                   additional_special_tokens=list(special_tokens))
+    fast.chat_template = chat_template
     return fast
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from aot_export.adapters import load_model
+from aot_export.manifest import refuse_failed_calibration
 from aot_export.preprocess import Preprocessing, preprocess_frames
 from aot_export.report import format_table
 
@@ -54,7 +55,7 @@ class RunReport:
 
 class Pipeline:
     def __init__(self, model: str, backend: str | None = None, llm: str = "transformers-int8", device: str = "auto",
-                 reduce: bool = True, adapter: Any = None):
+                 reduce: bool = True, adapter: Any = None, allow_failed: bool = False):
         kind = artifact_kind(model)
         self.reduce = reduce
         if kind == "model":
@@ -66,6 +67,7 @@ class Pipeline:
             self.adapter = adapter or load_model(self.manifest.model["model_id"])
             if not reduce:
                 self.vision = None
+        self.warning = self.manifest and refuse_failed_calibration(self.manifest, model, allow_failed)
         self.frames = self.manifest.aot.frames if self.manifest else DEFAULT_FRAMES
         self.preprocessing: Preprocessing = (self.manifest.preprocessing if self.manifest
                                              else self.adapter.preprocessing)

@@ -191,7 +191,7 @@ def refuse_failed_calibration(manifest: Manifest, where: str | os.PathLike, allo
     if manifest.calibration_passed is not False:
         return None
     holdout = manifest.extra["calibration"]["holdout"]
-    message = (f"{where} is a {manifest.precision} export whose calibration FAILED its fidelity gates on "
+    message = (f"{where} is an {manifest.precision} export whose calibration FAILED its fidelity gates on "
                f"{holdout.get('name', 'its held-out video')}")
     if not allow_failed:
         raise InputError(f"{message}; recalibrate (more clips, another precision) or pass --allow-failed to use it "

@@ -7,7 +7,6 @@ this machine (`flavour`, `tensorrt_version`, `compute_capability`).
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from aot_export.artifacts import check_output_file, describe_os_error
+from aot_export.artifacts import check_destination, check_output_file, describe_os_error
 from aot_export.errors import CheckFailed, InputError
 from aot_export.manifest import hashes_skipped
 from aot_export.report import format_table, peak_rss_mib, write_json
@@ -68,6 +68,7 @@ def _export(args: argparse.Namespace) -> int:
 
     import time
 
+    check_destination(args.out, "export", args.force)          # before seconds of model loading
     start = time.perf_counter()
     adapter = load_model(args.model)
     load_seconds = time.perf_counter() - start
@@ -189,6 +190,7 @@ def _quantize_llm(args: argparse.Namespace) -> int:
 
     from aot_export.adapters import load_model
 
+    check_destination(args.out, "llm", args.force)
     adapter = load_model(args.model)
     out = build_onnx_decoder(adapter, args.out, precision=args.precision, execution_provider=args.ep,
                              progress=not args.quiet, force=args.force)

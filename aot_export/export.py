@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 
 from .adapters import ModelAdapter, load_model
-from .artifacts import atomic_dir
+from .artifacts import atomic_dir, check_destination
 from .config import AOTConfig
+from .errors import InputError
 from .manifest import GRAPH, Manifest, TensorSpec, hash_files
 from .onnx_export import OPSET, save_onnx, trace_onnx, verify_static
 from .progress import Stages
@@ -51,17 +52,21 @@ class ExportResult:
 
 
 def export_vision_aot(model: str | ModelAdapter, cfg: AOTConfig, out_dir: str | os.PathLike,
-                      progress: bool = True) -> ExportResult:
+                      progress: bool = True, force: bool = False) -> ExportResult:
+    """`force` replaces an existing export at `out_dir`; anything else there is refused, never touched."""
     out_dir = Path(out_dir)
+    check_destination(out_dir, "export", force)
     stages = Stages(["load model", "trace + export", "save", "check", "manifest"], progress)
     with stages.step():
         adapter = load_model(model) if isinstance(model, str) else model
         adapter.check_fits(cfg)
         module = adapter.vision_aot(cfg)
+        # the graph carries the module's weights as fp32 external data
+        check_destination(out_dir, "export", force, sum(p.numel() * 4 for p in module.parameters()))
     with stages.step():
         program = trace_onnx(module, (adapter.example_frames(cfg.frames * adapter.info.temporal_patch),),
                              INPUTS, OUTPUTS)
-    with atomic_dir(out_dir) as staging:
+    with atomic_dir(out_dir, "export", force) as staging:
         with stages.step():
             files = save_onnx(program, staging / GRAPH, external_data=True)
             del program
@@ -85,7 +90,12 @@ def solve_config(frames: int, retention: float | None, anchors: int | None, pool
         if pooled_anchors is not None or keep is not None:
             raise ValueError("give either --retention or --pooled-anchors/--keep, not both")
     if clip_len is None:
-        clip_len = AOTConfig.clip_len if frames % AOTConfig.clip_len == 0 else 1
+        if frames % AOTConfig.clip_len:
+            raise InputError(f"--frames {frames} is not a multiple of the clip length {AOTConfig.clip_len}, so "
+                             "inter-frame merging would be off; pass --frames "
+                             f"{-(-frames // AOTConfig.clip_len) * AOTConfig.clip_len}, or "
+                             "--clip-len 1 to export without inter-frame merging")
+        clip_len = AOTConfig.clip_len
     if retention is not None:
         return AOTConfig.from_retention(frames, retention, anchors=anchors, grid=grid, clip_len=clip_len,
                                         **model_fields)

@@ -19,7 +19,7 @@ from typing import Any, Iterable
 import numpy as np
 import onnx
 
-from aot_export.artifacts import atomic_dir, sha256_file
+from aot_export.artifacts import atomic_dir, check_destination, sha256_file
 from aot_export.errors import InputError
 from aot_export.fidelity import VISION_GATES, Gates, compare_outputs, gate_checks
 from aot_export.manifest import GRAPH, MANIFEST, Manifest, hash_files, read_manifest
@@ -140,7 +140,7 @@ def _source_checks(manifest: Manifest, directory: Path, precision: str) -> Preci
 def calibrate_export(directory: str | os.PathLike, videos: str | os.PathLike | Iterable[str | os.PathLike],
                      precision: str, out_dir: str | os.PathLike, holdout: str | os.PathLike | None = None,
                      clips_per_video: int = 4, seed: int = 0, progress: bool = True,
-                     weights_only: bool = True, noise_floor: bool = True) -> CalibrationReport:
+                     weights_only: bool = True, noise_floor: bool = True, force: bool = False) -> CalibrationReport:
     """Quantize the fp32 export in `directory` to `precision` ("int8" or "fp8") with ranges calibrated on
     `videos` (files and/or directories; `clips_per_video` clips each, see calibration.data), write the Q/DQ
     export to `out_dir` (atomically), and measure it against the fp32 export on `holdout` (a video not used
@@ -159,6 +159,7 @@ def calibrate_export(directory: str | os.PathLike, videos: str | os.PathLike | I
         paths = expand_videos(videos)
         if directory.resolve() == out_dir.resolve():
             raise InputError(f"--out {out_dir} is the source export; write the {precision} export elsewhere")
+        check_destination(out_dir, "export", force, sum(manifest.sizes.values()))
     with stages.step():
         data = manifest_calibration_data(paths, manifest, clips_per_video, seed)
         held = _resolve_holdout(holdout, data)
@@ -180,7 +181,7 @@ def calibrate_export(directory: str | os.PathLike, videos: str | os.PathLike | I
             del model
         with stages.step():
             cache = calibrate_ranges(spec, prepared, work, plan, data, input_name)
-        with atomic_dir(out_dir) as staging:
+        with atomic_dir(out_dir, "export", force) as staging:
             graph = staging / GRAPH
             with stages.step():
                 try:
@@ -213,7 +214,7 @@ def calibrate_export(directory: str | os.PathLike, videos: str | os.PathLike | I
                     "source": {"directory": str(directory), "precision": manifest.precision,
                                "manifest_sha256": sha256_file(directory / MANIFEST), "files": manifest.files},
                     "holdout": {"name": held.name, "sha256": sha256_file(held), "metrics": metrics,
-                                "gates": gates.to_dict()}}
+                                "gates": gates.to_dict(), "passed": all(gate_checks(metrics, gates).values())}}
                 new = dataclasses.replace(manifest, precision=precision, files=files, opset=graph_opset(quantized),
                                           extra={**manifest.extra, "calibration": provenance})
                 new.write(staging)

@@ -11,14 +11,15 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
 
-from aot_export.artifacts import atomic_dir, sha256_file
+from aot_export.artifacts import atomic_dir, check_destination, sha256_file
 from aot_export.errors import InputError
-from aot_export.manifest import Manifest, read_manifest
+from aot_export.manifest import Manifest, read_manifest, refuse_failed_calibration
 from aot_export.progress import Stages
 
 from .loaders import (BuildSettings, build_engine, builder_config, constrain_fp32, inspect_engine, network_report,
@@ -87,18 +88,25 @@ class BuildResult:
 
 
 def build_engine_dir(export_dir: str | os.PathLike, settings: BuildSettings, out_dir: str | os.PathLike,
-                     progress: bool = True) -> BuildResult:
+                     progress: bool = True, force: bool = False, allow_failed: bool = False) -> BuildResult:
+    """`force` replaces an existing engine directory at `out_dir` (anything else there is refused);
+    `allow_failed` builds from an export whose calibration failed its gates (refused otherwise)."""
     export_dir, out_dir = Path(export_dir), Path(out_dir)
     target = get_target(settings.target)
     manifest = read_manifest(export_dir)
     check_source(manifest, settings, export_dir)
+    warning = refuse_failed_calibration(manifest, export_dir, allow_failed)
+    if warning:
+        print(warning, file=sys.stderr)
+    # the plan holds the weights once more; fp16 engines also keep an fp16 copy of the graph
+    check_destination(out_dir, "engine", force, 2 * sum(manifest.sizes.values()))
     try:
         load_tensorrt(target.flavour)
     except TensorRTUnavailable as exc:
         raise InputError(f"target {target.name} builds with {target.flavour}, which is not installed here; build "
                          f"on the device (--print-trtexec gives the command) or choose --target rtx") from exc
     stages = Stages(["prepare ONNX", "parse", "configure", "build", "serialize"], progress)
-    with atomic_dir(out_dir) as staging:
+    with atomic_dir(out_dir, "engine", force) as staging:
         with stages.step():
             graph_dir, graph_manifest = export_dir, manifest
             if settings.precision == "fp16" and settings.typing == "strong" and manifest.precision == "fp32":
@@ -127,7 +135,7 @@ def build_engine_dir(export_dir: str | os.PathLike, settings: BuildSettings, out
                 target=target.name, compute_capabilities=list(settings.compute_capabilities),
                 precision=settings.precision, builder=settings.to_dict(), onnx_sha256=sha256_file(graph),
                 plan_sha256=sha256_file(staging / PLAN), manifest=manifest.to_dict(),
-                build_seconds=engine.build_seconds,
+                build_seconds=engine.build_seconds, plan_bytes=len(engine.plan),
                 network={**network_report(parsed), "fp32_constrained_layers": constrained,
                          "onnx": str(graph.relative_to(graph_dir.parent)) if graph_dir != export_dir else
                          manifest.graph})

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import onnx
 
-from aot_export.manifest import read_manifest
+from aot_export.manifest import VERIFY_HASHES, consistency_findings, file_findings, load_manifest
 from aot_export.onnx_lint import graph_findings, interface_findings
 from aot_export.report import format_table
 
@@ -56,10 +56,16 @@ class CheckReport:
 
 def check_export(directory: str | os.PathLike, tensorrt: bool = True, workspace_bytes: int = 2 << 30) -> CheckReport:
     directory = Path(directory)
-    manifest = read_manifest(directory)
+    manifest, data = load_manifest(directory)
     graph = directory / manifest.graph
     report = CheckReport(str(directory))
-    report.rows.append(CheckRow("manifest", OK, f"sha256 of {', '.join(manifest.files)} match"))
+    hashes = VERIFY_HASHES.get()
+    report.add("manifest", consistency_findings(manifest, data), "counts and shapes follow from its aot config")
+    files = file_findings(directory, manifest.files, manifest.sizes, hashes)
+    report.add("files", files, f"{'sizes and sha256' if hashes else 'sizes (sha256 skipped)'} of "
+                               f"{', '.join(manifest.files)} match")
+    if files:
+        return report        # the graph is not what was exported: what follows would describe another graph
     try:
         onnx.checker.check_model(str(graph), full_check=True)
         report.rows.append(CheckRow("onnx checker", OK, f"opset {manifest.opset}, strict shape inference"))

@@ -147,9 +147,20 @@ def builder_config(parsed: ParsedNetwork, settings: BuildSettings | None = None,
             config.set_compute_capability(getattr(trt.ComputeCapability, "SM" + capability.replace(".", "")), i)
     if settings.timing_cache and hasattr(config, "create_timing_cache"):
         path = Path(settings.timing_cache)
-        cache = config.create_timing_cache(path.read_bytes() if path.is_file() else b"")
+        data = path.read_bytes() if path.is_file() else b""
+        cache = config.create_timing_cache(data)
+        if data and not is_timing_cache(config, data, cache):
+            raise InputError(f"--timing-cache {path} is not a TensorRT timing cache; it was left untouched: pass a "
+                             "new path or a cache an earlier build wrote")
         config.set_timing_cache(cache, ignore_mismatch=False)
     return config
+
+
+def is_timing_cache(config: Any, data: bytes, cache: Any) -> bool:
+    """TensorRT turns bytes it cannot read into an empty cache without a word: `data` is a timing cache when it
+    is one already serialized (TensorRT-RTX's caches are always empty) or when it loaded as a non-empty one."""
+    loaded = bytes(cache.serialize())
+    return loaded == data or loaded != bytes(config.create_timing_cache(b"").serialize())
 
 
 def save_timing_cache(config: Any, path: str | os.PathLike) -> Path | None:

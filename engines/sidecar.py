@@ -7,7 +7,6 @@ against this machine (`flavour`, `tensorrt_version`, `compute_capability`).
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any, Callable
 
 from aot_export.artifacts import sha256_file
 from aot_export.errors import InputError
-from aot_export.manifest import MANIFEST, Manifest, read_manifest
+from aot_export.manifest import MANIFEST, VERIFY_HASHES, Manifest, read_json_object, read_manifest
 
 PLAN = "engine.plan"
 SIDECAR = "engine.json"
@@ -48,6 +47,7 @@ class EngineSidecar:
     build_seconds: float
     network: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SIDECAR_SCHEMA
+    plan_bytes: int | None = None          # checked on every load; the sha256 unless hashes are skipped
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -65,11 +65,16 @@ def read_sidecar(engine_dir: str | os.PathLike) -> EngineSidecar:
     for name in (PLAN, SIDECAR):
         if not (engine_dir / name).is_file():
             raise InputError(f"{engine_dir}: no {name}; this is not an engine directory (run `aot-export build`)")
+    data = read_json_object(engine_dir / SIDECAR, "rebuild the engine")
     try:
-        sidecar = EngineSidecar.from_dict(json.loads((engine_dir / SIDECAR).read_text()))
-    except (json.JSONDecodeError, TypeError) as exc:
+        sidecar = EngineSidecar.from_dict(data)
+    except TypeError as exc:
         raise InputError(f"{engine_dir / SIDECAR}: unreadable ({exc}); rebuild the engine") from exc
-    if sha256_file(engine_dir / PLAN) != sidecar.plan_sha256:
+    size = (engine_dir / PLAN).stat().st_size
+    if sidecar.plan_bytes is not None and size != sidecar.plan_bytes:
+        raise EngineMismatch("plan_bytes", sidecar.plan_bytes, f"engine.plan is {size} bytes",
+                             "the plan was changed after the build: rebuild it")
+    if VERIFY_HASHES.get() and sha256_file(engine_dir / PLAN) != sidecar.plan_sha256:
         raise EngineMismatch("plan_sha256", sidecar.plan_sha256[:12], "engine.plan hashes differently",
                              "the plan was changed after the build: rebuild it")
     return sidecar

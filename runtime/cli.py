@@ -8,19 +8,57 @@ contract in pyproject.toml). Commands import their library when they run, so `--
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from aot_export.artifacts import check_destination, check_output_file, describe_os_error
 from aot_export.errors import CheckFailed, InputError
+from aot_export.manifest import hashes_skipped
 from aot_export.report import format_table, peak_rss_mib, write_json
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 BACKENDS = ("torch", "onnxruntime", "tensorrt")          # runtime.vision.RUNNERS, without importing it for --help
+EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
 # The team's footage beside a checkout, where the README's commands run from; a default of the shell, not the library.
 DEMO_FOOTAGE = "../shared/data/videos"
+
+
+# ---- argument types: a bad value is one line from argparse (exit 2) before any work -----------------------------
+def _integer(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"{value} is out of range; give {low} or more")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _integer(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    return _integer(text, 0)
+
+
+def fraction(text: str) -> float:
+    """A share in (0, 1]: a retention."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a share in (0, 1]; e.g. 0.15 keeps 15 % of the tokens")
+    return value
+
+
+def frames_shown(text: str) -> int | None:
+    return None if text == "all" else positive_int(text)
 
 
 # ---- commands --------------------------------------------------------------------------------------------------
@@ -31,6 +69,7 @@ def _export(args: argparse.Namespace) -> int:
 
     import time
 
+    check_destination(args.out, "export", args.force)          # before seconds of model loading
     start = time.perf_counter()
     adapter = load_model(args.model)
     load_seconds = time.perf_counter() - start
@@ -39,7 +78,7 @@ def _export(args: argparse.Namespace) -> int:
     else:
         cfg = solve_config(adapter.aot_frames(args.frames), args.retention, args.anchors, args.pooled_anchors,
                            args.keep, clip_len=args.clip_len, **adapter.aot_fields())
-    result = export_vision_aot(adapter, cfg, args.out, progress=not args.quiet)
+    result = export_vision_aot(adapter, cfg, args.out, progress=not args.quiet, force=args.force)
     result.seconds["load model"] = load_seconds
     sizes = {name: (result.directory / name).stat().st_size for name in result.manifest.files}
     rows = [("model", adapter.info.model_id), ("frames", cfg.frames * adapter.info.temporal_patch),
@@ -58,14 +97,20 @@ def _export(args: argparse.Namespace) -> int:
 def _add_export(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="tiny-llava-ov",
                         help="built-in model (tiny-llava-ov, llava-ov-0.5b-random) or a local checkpoint directory")
-    parser.add_argument("--frames", type=int, default=32, help="frames per video, static in the graph (32)")
-    parser.add_argument("--clip-len", type=int, default=None, help="frames per inter-frame clip (4 when it divides)")
-    parser.add_argument("--retention", type=float, default=None, help="target share of visual tokens kept")
-    parser.add_argument("--anchors", type=int, default=None, help="intra-frame anchors per frame (V)")
-    parser.add_argument("--pooled-anchors", type=int, default=None, help="pooled cells kept per frame (A)")
-    parser.add_argument("--keep", type=int, default=None, help="distinct tokens per non-key frame (K)")
+    _add_budget(parser, frames_help="frames per video, static in the graph (32)")
     parser.add_argument("--config", default=None, metavar="JSON", help="a full AOTConfig as JSON (overrides the above)")
-    parser.add_argument("--out", required=True, help="export directory to write")
+    parser.add_argument("--out", required=True, help="export directory to write (new, empty, or an export with --force)")
+    parser.add_argument("--force", action="store_true", help="replace an existing export at --out")
+
+
+def _add_budget(parser: argparse.ArgumentParser, frames_help: str) -> None:
+    parser.add_argument("--frames", type=positive_int, default=32, help=frames_help)
+    parser.add_argument("--clip-len", type=positive_int, default=None,
+                        help="frames per inter-frame clip (4; --frames must be a multiple of it)")
+    parser.add_argument("--retention", type=fraction, default=None, help="target share of visual tokens kept")
+    parser.add_argument("--anchors", type=positive_int, default=None, help="intra-frame anchors per frame (V)")
+    parser.add_argument("--pooled-anchors", type=positive_int, default=None, help="pooled cells kept per frame (A)")
+    parser.add_argument("--keep", type=positive_int, default=None, help="distinct tokens per non-key frame (K)")
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -110,7 +155,7 @@ def _add_validate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--llm", default=None,
                         help="also validate the LLM side: transformers, transformers-int8 or an ONNX LLM directory")
     parser.add_argument("--prompt", default="What is happening in this video?", help="prompt for --llm")
-    parser.add_argument("--tokens", type=int, default=16, help="greedy tokens compared with --llm (16)")
+    parser.add_argument("--tokens", type=positive_int, default=16, help="greedy tokens compared with --llm (16)")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -119,7 +164,9 @@ def _run(args: argparse.Namespace) -> int:
     if not args.prompt.strip():
         raise InputError("the prompt is empty; pass --prompt with a question about the video")
     with Pipeline(args.model, backend=args.backend, llm=args.llm, device=args.device, reduce=not args.no_reduce,
-                  export=args.export) as pipeline:
+                  export=args.export, allow_failed=args.allow_failed) as pipeline:
+        if pipeline.warning:
+            print(pipeline.warning, file=sys.stderr)
         report = pipeline.answer(args.video, args.prompt, max_new_tokens=args.max_new_tokens)
     print(report.table())
     write_json(args.json, report.to_dict())
@@ -137,9 +184,12 @@ def _add_run(parser: argparse.ArgumentParser) -> None:
                         help="the export an engine --model was built from, checked first (default: found beside it)")
     parser.add_argument("--llm", default="transformers-int8",
                         help="transformers, transformers-int8 (default) or an ONNX LLM directory (quantize-llm)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="ONNX Runtime device for the vision graph (auto: CUDA when available)")
     parser.add_argument("--no-reduce", action="store_true", help="all visual tokens, no AOT, for comparison")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=32, help="most tokens generated (32)")
+    parser.add_argument("--allow-failed", action="store_true",
+                        help="run an export or engine whose calibration failed its gates (refused otherwise)")
 
 
 def _quantize_llm(args: argparse.Namespace) -> int:
@@ -147,9 +197,10 @@ def _quantize_llm(args: argparse.Namespace) -> int:
 
     from aot_export.adapters import load_model
 
+    check_destination(args.out, "llm", args.force)
     adapter = load_model(args.model)
     out = build_onnx_decoder(adapter, args.out, precision=args.precision, execution_provider=args.ep,
-                             progress=not args.quiet)
+                             progress=not args.quiet, force=args.force)
     size = sum(p.stat().st_size for p in out.iterdir())
     print(format_table([("model", adapter.info.model_id), ("precision", args.precision),
                         ("execution provider", args.ep), ("size", f"{size / 1e6:.1f} MB"), ("written", str(out))],
@@ -160,16 +211,19 @@ def _quantize_llm(args: argparse.Namespace) -> int:
 
 def _add_quantize_llm(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="tiny-llava-ov", help="built-in model or checkpoint directory")
-    parser.add_argument("--precision", choices=("int4", "fp16", "fp32"), default="int4")
+    parser.add_argument("--precision", choices=("int4", "fp16", "fp32"), default="int4",
+                        help="weight precision of the ONNX LLM (int4)")
     parser.add_argument("--ep", choices=("cpu", "cuda"), default="cpu", help="execution provider it is built for")
-    parser.add_argument("--out", required=True, help="directory for the ONNX LLM")
+    parser.add_argument("--out", required=True, help="directory for the ONNX LLM (new, empty, or one with --force)")
+    parser.add_argument("--force", action="store_true", help="replace an existing ONNX LLM at --out")
 
 
 def _calibrate(args: argparse.Namespace) -> int:
     from calibration import calibrate_export
 
     report = calibrate_export(args.dir, args.videos, args.precision, args.out, holdout=args.holdout,
-                              clips_per_video=args.clips_per_video, seed=args.seed, progress=not args.quiet)
+                              clips_per_video=args.clips_per_video, seed=args.seed, progress=not args.quiet,
+                              force=args.force)
     print(report.table())
     write_json(args.json, report.to_dict())
     return EXIT_OK if report.passed else EXIT_FAILED
@@ -178,12 +232,15 @@ def _calibrate(args: argparse.Namespace) -> int:
 def _add_calibrate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dir", help="fp32 export directory (with manifest.json)")
     parser.add_argument("--videos", nargs="+", required=True, help="calibration videos or directories of videos")
-    parser.add_argument("--precision", choices=("int8", "fp8"), required=True)
-    parser.add_argument("--out", required=True, help="the new (quantized) export directory")
+    parser.add_argument("--precision", choices=("int8", "fp8"), required=True, help="quantized precision")
+    parser.add_argument("--out", required=True,
+                        help="the new (quantized) export directory (new, empty, or an export with --force)")
+    parser.add_argument("--force", action="store_true", help="replace an existing export at --out")
     parser.add_argument("--holdout", default=None,
                         help="video for the fidelity report, not one of --videos (required)")
-    parser.add_argument("--clips-per-video", type=int, default=4, help="calibration clips cut from each video (4)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--clips-per-video", type=positive_int, default=4,
+                        help="calibration clips cut from each video (4)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the clip sampling (0)")
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -191,6 +248,8 @@ def _build(args: argparse.Namespace) -> int:
     from engines.targets import get_target
 
     target = get_target(args.target)
+    if args.timing_cache:
+        check_output_file(args.timing_cache, "--timing-cache")
     settings = settings_for(target, args.precision, typing=args.typing, optimization_level=args.opt_level,
                             workspace_bytes=args.workspace_mib << 20 if args.workspace_mib else None,
                             timing_cache=args.timing_cache, dla=args.dla,
@@ -199,7 +258,8 @@ def _build(args: argparse.Namespace) -> int:
         print(trtexec_command(args.dir, settings))
         return EXIT_OK
     out = args.out or f"{args.dir.rstrip('/')}-{target.name}-{args.precision}"
-    result = build_engine_dir(args.dir, settings, out, progress=not args.quiet)
+    result = build_engine_dir(args.dir, settings, out, progress=not args.quiet, force=args.force,
+                              allow_failed=args.allow_failed)
     sidecar = result.sidecar
     rows = [("target", f"{target.name} (SM {', '.join(sidecar.compute_capabilities)})"),
             ("builder", f"{sidecar.flavour} {sidecar.tensorrt_version} (CUDA {sidecar.cuda})"),
@@ -219,11 +279,11 @@ def _add_build(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("dir", help="export directory (with manifest.json)")
     parser.add_argument("--target", required=True, choices=list(TARGETS), help="deployment target")
-    parser.add_argument("--precision", required=True, choices=PRECISIONS)
+    parser.add_argument("--precision", required=True, choices=PRECISIONS, help="engine precision")
     parser.add_argument("--typing", choices=("strong", "weak"), default="strong",
                         help="weak: TensorRT 10 precision flags + fp32 layer constraints (JetPack 6)")
-    parser.add_argument("--opt-level", type=int, default=3, help="builder optimization level 0..5 (3)")
-    parser.add_argument("--workspace-mib", type=int, default=None, help="workspace pool limit (target's cap)")
+    parser.add_argument("--opt-level", type=non_negative_int, default=3, help="builder optimization level 0..5 (3)")
+    parser.add_argument("--workspace-mib", type=positive_int, default=None, help="workspace pool limit (target's cap)")
     parser.add_argument("--timing-cache", default=None, help="timing cache file to load and update")
     parser.add_argument("--dla", action="store_true", help="run on DLA core 0 with GPU fallback (Jetson)")
     parser.add_argument("--compute-capability", action="append", default=None,
@@ -231,6 +291,9 @@ def _add_build(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--print-trtexec", action="store_true",
                         help="print the equivalent trtexec / tensorrt_rtx command instead of building")
     parser.add_argument("--out", default=None, help="engine directory (default: DIR-TARGET-PRECISION)")
+    parser.add_argument("--force", action="store_true", help="replace an existing engine directory at --out")
+    parser.add_argument("--allow-failed", action="store_true",
+                        help="build from an export whose calibration failed its gates (refused otherwise)")
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -245,14 +308,14 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _add_bench(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--widths", type=int, nargs="*", default=[896, 3584],
+    parser.add_argument("--widths", type=positive_int, nargs="*", default=[896, 3584],
                         help="LLM widths for the reduction / encoder ratio (896 3584)")
-    parser.add_argument("--encoder-frames", type=int, default=2, help="frames the encoder is timed on (2)")
-    parser.add_argument("--repeats", type=int, default=2, help="best of N after a warm-up (2)")
-    parser.add_argument("--graph-frames", type=int, default=32, help="frames for ORT vs eager (0: skip)")
-    parser.add_argument("--retentions", type=float, nargs="*", default=[0.10, 0.15, 0.20, 0.25],
+    parser.add_argument("--encoder-frames", type=positive_int, default=2, help="frames the encoder is timed on (2)")
+    parser.add_argument("--repeats", type=positive_int, default=2, help="best of N after a warm-up (2)")
+    parser.add_argument("--graph-frames", type=non_negative_int, default=32, help="frames for ORT vs eager (0: skip)")
+    parser.add_argument("--retentions", type=fraction, nargs="*", default=[0.10, 0.15, 0.20, 0.25],
                         help="retentions for the LLM prefill comparison (none: skip)")
-    parser.add_argument("--frames", type=int, default=32, help="video frames behind the prefill lengths (32)")
+    parser.add_argument("--frames", type=positive_int, default=32, help="video frames behind the prefill lengths (32)")
     parser.add_argument("--model", default="tiny-llava-ov",
                         help="built-in model or checkpoint for the graph and the visual token counts (tiny-llava-ov)")
 
@@ -269,8 +332,8 @@ def _visualize(args: argparse.Namespace) -> int:
     cfg = (artifact.manifest.aot if artifact.manifest is not None else
            solve_config(adapter.aot_frames(args.frames), args.retention, args.anchors, args.pooled_anchors,
                         args.keep, clip_len=args.clip_len, **adapter.aot_fields()))
-    shown = None if args.frames_shown == "all" else int(args.frames_shown)
-    info = visualize(adapter, args.video, args.out, cfg, frames_shown=shown, progress=not args.quiet)
+    check_output_file(args.out, "--out")
+    info = visualize(adapter, args.video, args.out, cfg, frames_shown=args.frames_shown, progress=not args.quiet)
     model = info["model"] + (" (random weights)" if info["random_weights"] else "")
     rows = [("video", info["video"]), ("model", model), ("visual tokens without AOT", info["input_tokens"]),
             ("visual tokens with AOT", info["output_tokens"]), ("retention", f"{info['retention']:.2%}"),
@@ -286,13 +349,8 @@ def _add_visualize(parser: argparse.ArgumentParser) -> None:
                              "checkpoint directory")
     parser.add_argument("--video", required=True, help="video file")
     parser.add_argument("--out", required=True, help="PNG to write")
-    parser.add_argument("--frames", type=int, default=32, help="frames per video (32)")
-    parser.add_argument("--clip-len", type=int, default=None, help="frames per clip (4 when it divides)")
-    parser.add_argument("--retention", type=float, default=None, help="target share of visual tokens kept")
-    parser.add_argument("--anchors", type=int, default=None)
-    parser.add_argument("--pooled-anchors", type=int, default=None)
-    parser.add_argument("--keep", type=int, default=None)
-    parser.add_argument("--frames-shown", default="8", help="frames drawn (whole clips), or 'all' (8)")
+    _add_budget(parser, frames_help="frames per video (32)")
+    parser.add_argument("--frames-shown", type=frames_shown, default=8, help="frames drawn (whole clips), or 'all' (8)")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -347,6 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aot-export", description="Export a video LLM's vision encoder with AOT token reduction to one static "
                                        "ONNX graph, build TensorRT engines, and prove every step against PyTorch.")
+    from aot_export import __version__
+
+    parser.add_argument("--version", action="version", version=f"aot-export {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in COMMANDS.items():
         child = sub.add_parser(name, help=command.help, description=command.help)
@@ -354,14 +415,35 @@ def build_parser() -> argparse.ArgumentParser:
         child.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON")
         child.add_argument("--quiet", action="store_true", help="no progress bars")
         child.add_argument("--debug", action="store_true", help="show tracebacks")
+        child.add_argument("--skip-hash", action="store_true",
+                           help="check artifacts' file sizes only, not their sha256 (faster on large models)")
     return parser
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is: the running command unwinds and removes its staging."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        return COMMANDS[args.command].run(args)
-    except (InputError, ValueError, FileNotFoundError) as exc:
+        check_output_file(args.json, "--json")        # before the work, not after it
+        with hashes_skipped(args.skip_hash):
+            return COMMANDS[args.command].run(args)
+    except OSError as exc:
+        if args.debug:
+            traceback.print_exc()
+        line = describe_os_error(exc, getattr(args, "out", None))
+        if line is None:
+            return _internal(args, exc)
+        print(f"aot-export {args.command}: error: {line}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (InputError, ValueError) as exc:
         if args.debug:
             traceback.print_exc()
         print(f"aot-export {args.command}: error: {_one_line(exc)}", file=sys.stderr)
@@ -371,15 +453,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"aot-export {args.command}: failed: {_one_line(exc)}", file=sys.stderr)
         return EXIT_FAILED
-    except KeyboardInterrupt:
-        print(f"aot-export {args.command}: interrupted; no partial artifact was left", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        signum = signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT
+        print(f"aot-export {args.command}: {'terminated' if isinstance(exc, Terminated) else 'interrupted'}; "
+              "no partial artifact was left", file=sys.stderr)
+        return EXIT_INTERRUPTED[signum]
     except Exception as exc:  # noqa: BLE001 - the shell's last line of defence, reported in one line
         if args.debug:
             traceback.print_exc()
-        print(f"aot-export {args.command}: internal error: {exc.__class__.__name__}: {_one_line(exc)} "
-              "(rerun with --debug for the traceback)", file=sys.stderr)
-        return EXIT_INTERNAL
+        return _internal(args, exc)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _internal(args: argparse.Namespace, exc: BaseException) -> int:
+    print(f"aot-export {args.command}: internal error: {exc.__class__.__name__}: {_one_line(exc)} "
+          "(rerun with --debug for the traceback)", file=sys.stderr)
+    return EXIT_INTERNAL
 
 
 def _one_line(exc: BaseException) -> str:

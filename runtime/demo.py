@@ -30,6 +30,8 @@ class DemoReport:
     check: "CheckReport"  # noqa: F821 - engines.check.CheckReport
     validations: list[ValidationReport]
     seconds: dict[str, dict[str, float]] = field(default_factory=dict)   # step → stage → seconds
+    export_dir: Path | None = None
+    video: Path | None = None              # the first video, for the suggested `run`
 
     @property
     def passed(self) -> bool:
@@ -51,17 +53,30 @@ class DemoReport:
                   + ", ".join(f"{stage} {s:.1f}" for stage, s in stages.items()) + ")")
                  for step, stages in self.seconds.items()]
         rows.append(("result", "PASS" if self.passed else "FAIL"))
-        return format_table(rows, ("aot-export demo", ""))
+        rows.append(("written", str(self.export_dir)))
+        return format_table(rows, ("aot-export demo", "")) + "\n\n" + self.next_steps()
+
+    def next_steps(self) -> str:
+        return "\n".join([
+            f"{DEMO_MODEL} has seeded random weights: the graph is checked against PyTorch, but `run` answers "
+            "nonsense by design, and int8 calibration / int4-LLM top-1 gates can fail on it (near-tied logits).",
+            "Next:",
+            f"  aot-export build {self.export_dir} --target rtx --precision fp32 --out aot-demo/engine",
+            f"  aot-export run --model {self.export_dir} --video {self.video} --prompt 'What happens?'",
+            "  aot-export export --model CHECKPOINT_DIR --out DIR   (a real LLaVA-OneVision checkpoint)"])
 
     def to_dict(self) -> dict:
         return {"model": DEMO_MODEL, "config": self.config.to_dict(), "input_tokens": self.config.input_tokens,
                 "output_tokens": self.config.output_tokens, "retention": self.config.retention,
                 "check": self.check.to_dict(), "validations": [v.to_dict() for v in self.validations],
-                "seconds": self.seconds, "passed": self.passed}
+                "seconds": self.seconds, "passed": self.passed, "written": str(self.export_dir),
+                "random_weights": True}
 
 
-def run_demo(workdir: Path, videos: Sequence[str | Path] = (), progress: bool = True) -> DemoReport:
-    """Export, check and validate the built-in model on `videos` (a clip synthesized with PyAV when none)."""
+def run_demo(workdir: Path, videos: Sequence[str | Path] = (), progress: bool = True,
+             force: bool = True) -> DemoReport:
+    """Export, check and validate the built-in model on `videos` (a clip synthesized with PyAV when none).
+    `force`: a rerun replaces the demo's own earlier export (anything else at `workdir/export` is refused)."""
     from engines.check import check_export
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -70,7 +85,7 @@ def run_demo(workdir: Path, videos: Sequence[str | Path] = (), progress: bool = 
         decode_frames(path, 1)          # a bad video is refused before minutes of export
     cfg = AOTConfig()
     adapter = load_model(DEMO_MODEL)
-    export = export_vision_aot(adapter, cfg, workdir / "export", progress=progress)
+    export = export_vision_aot(adapter, cfg, workdir / "export", progress=progress, force=force)
     seconds = {"export": export.seconds}
     start = time.perf_counter()
     check = check_export(export.directory)
@@ -80,4 +95,4 @@ def run_demo(workdir: Path, videos: Sequence[str | Path] = (), progress: bool = 
         report = validate_export(export.directory, path, model=adapter, progress=progress)
         seconds[f"validate {path.name}"] = report.seconds
         validations.append(report)
-    return DemoReport(cfg, check, validations, seconds)
+    return DemoReport(cfg, check, validations, seconds, export.directory, videos[0])

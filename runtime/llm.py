@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from aot_export.artifacts import atomic_dir
+from aot_export.artifacts import atomic_dir, check_destination
 from aot_export.errors import InputError
-from aot_export.manifest import hash_files
+from aot_export.manifest import VERIFY_HASHES, file_findings, hash_files, read_json_object
 
 LLM_MANIFEST = "llm.json"
 
@@ -126,6 +126,11 @@ class OnnxDecoder:
 
         self.directory = Path(self.directory)
         manifest = read_llm_manifest(self.directory)
+        built_for = manifest.get("execution_provider", "cpu")
+        if built_for != "cpu" and self.providers == ("CPUExecutionProvider",):
+            raise InputError(f"{self.directory} was built for the {built_for} execution provider and cannot run on "
+                             f"this CPU; rebuild it with `aot-export quantize-llm --ep cpu`, or run where "
+                             f"{built_for} is available")
         hidden = self.adapter.info.hidden
         if manifest["hidden_size"] != hidden or manifest["config_hash"] != self.adapter.info.config_hash:
             raise InputError(f"{self.directory} was built from {manifest['model_id']} (hidden "
@@ -181,21 +186,37 @@ class OnnxDecoder:
         return Generation(tokens, logits, prefill, time.perf_counter() - start, embeds.shape[1])
 
 
-def read_llm_manifest(directory: Path) -> dict:
-    path = Path(directory) / LLM_MANIFEST
+def read_llm_manifest(directory: Path, verify: bool | None = None) -> dict:
+    """`llm.json`, refused unless every file it names is there with its recorded size and (unless `verify` is
+    False or hashes are skipped) sha256."""
+    directory = Path(directory)
+    path = directory / LLM_MANIFEST
     if not path.is_file():
         raise InputError(f"{directory}: no {LLM_MANIFEST}; build the ONNX LLM with `aot-export quantize-llm`")
-    return json.loads(path.read_text())
+    manifest = read_json_object(path, "rebuild it with `aot-export quantize-llm`")
+    files, sizes = manifest.get("files"), manifest.get("sizes", {})
+    if not isinstance(files, dict) or not isinstance(sizes, dict) or not files:
+        raise InputError(f"{path}: names no files with their sha256; rebuild it with `aot-export quantize-llm`")
+    hashes = VERIFY_HASHES.get() if verify is None else verify
+    findings = file_findings(directory, files, sizes, hashes)
+    if findings:
+        raise InputError(f"{directory}: {findings[0]}; the LLM was changed after it was built: rebuild it with "
+                         "`aot-export quantize-llm` or restore it")
+    return manifest
 
 
 def build_onnx_decoder(adapter, out_dir: str | os.PathLike, precision: str = "int4",
-                       execution_provider: str = "cpu", progress: bool = True) -> Path:
+                       execution_provider: str = "cpu", progress: bool = True, force: bool = False) -> Path:
     """The checkpoint's language model → onnxruntime-genai's model builder (`inputs_embeds` in, no embedding
-    table: the runtime embeds text itself) → `out_dir` with `llm.json`."""
+    table: the runtime embeds text itself) → `out_dir` with `llm.json`. `force` replaces an existing ONNX LLM
+    there; anything else is refused."""
     if precision not in ("int4", "fp32", "fp16"):
         raise InputError(f"precision {precision!r}: the ONNX LLM is built as int4, fp16 or fp32")
     out_dir = Path(out_dir)
-    with tempfile.TemporaryDirectory() as work, atomic_dir(out_dir) as staging:
+    decoder, _ = adapter.decoder()
+    bytes_per_weight = {"int4": 1, "fp16": 2, "fp32": 4}[precision]
+    check_destination(out_dir, "llm", force, sum(p.numel() for p in decoder.parameters()) * bytes_per_weight)
+    with tempfile.TemporaryDirectory() as work, atomic_dir(out_dir, "llm", force) as staging:
         source = adapter.save_language_model(Path(work) / "hf")
         command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source), "-o", str(staging),
                    "-p", precision, "-e", execution_provider, "-c", str(Path(work) / "cache"),
@@ -209,7 +230,8 @@ def build_onnx_decoder(adapter, out_dir: str | os.PathLike, precision: str = "in
         manifest = {"model_id": adapter.info.model_id, "config_hash": adapter.info.config_hash,
                     "hidden_size": adapter.info.hidden, "precision": precision,
                     "execution_provider": execution_provider, "builder": "onnxruntime_genai.models.builder",
-                    "inputs_embeds": True, "files": hash_files(staging, files)}
+                    "inputs_embeds": True, "files": hash_files(staging, files),
+                    "sizes": {name: (staging / name).stat().st_size for name in files}}
         (staging / LLM_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return out_dir
 

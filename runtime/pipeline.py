@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from aot_export.manifest import refuse_failed_calibration
 from aot_export.preprocess import Preprocessing, preprocess_frames
 from aot_export.report import format_table
 
@@ -56,11 +57,12 @@ class Pipeline:
     """Holds an active vision runner: use it as a context manager (or call `close()`)."""
 
     def __init__(self, model: str, backend: str | None = None, llm: str = "transformers-int8", device: str = "auto",
-                 reduce: bool = True, adapter: Any = None, export: str | None = None):
+                 reduce: bool = True, adapter: Any = None, export: str | None = None, allow_failed: bool = False):
         artifact = resolve_artifact(model, export)
         self.reduce = reduce
         self.adapter = model_adapter(artifact, adapter)
         self.manifest = artifact.manifest
+        self.warning = self.manifest and refuse_failed_calibration(self.manifest, model, allow_failed)
         self.vision = open_runner(artifact, backend, device, self.adapter) if reduce else None
         self.frames = self.manifest.video_frames if self.manifest else DEFAULT_FRAMES
         self.preprocessing: Preprocessing = (self.manifest.preprocessing if self.manifest

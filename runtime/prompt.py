@@ -23,17 +23,46 @@ class PromptInputs:
         return self.input_ids.shape[1]
 
 
+# Stands in for the user's text while the chat template renders, so the template's own special tokens and the
+# user's text can be encoded apart: only the template may produce special tokens.
+USER_TEXT = "\ue000user text\ue000"
+
+
+def context_length(adapter) -> int:
+    """The LLM's context window in tokens (its config's max_position_embeddings)."""
+    return int(adapter.model.config.text_config.max_position_embeddings)
+
+
+def refuse_overlong(adapter, length: int, what: str) -> None:
+    limit = context_length(adapter)
+    if length > limit:
+        raise InputError(f"{what} is {length} tokens, over the model's context of {limit}; shorten the prompt"
+                         " (or export fewer frames / a lower retention)")
+
+
 def chat_ids(adapter, prompt: str) -> list[int]:
-    """Token ids of the rendered chat template for a user turn with one video and `prompt`."""
+    """Token ids of the rendered chat template for a user turn with one video and `prompt`. The prompt is
+    encoded as plain text: `<image>`, `<|im_start|>` and the like typed by a user are ordinary characters."""
     if not prompt or not prompt.strip():
         raise InputError("the prompt is empty; pass --prompt with a question about the video")
     tokenizer = adapter.tokenizer
     if tokenizer is None or tokenizer.chat_template is None:
         raise InputError(f"{adapter.info.model_id} has no tokenizer with a chat template; add the checkpoint's "
                          "tokenizer and chat_template files to its directory")
-    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": prompt}]}]
+    # A prompt longer in characters than the context is in tokens cannot fit (a token is at least one character
+    # of text here); refusing it before tokenizing keeps a pasted book from costing seconds.
+    if len(prompt) > 16 * context_length(adapter):
+        refuse_overlong(adapter, len(prompt), "the prompt (in characters)")
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": USER_TEXT}]}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    ids = tokenizer(text, add_special_tokens=False).input_ids
+    parts = text.split(USER_TEXT)
+    if len(parts) != 2:
+        raise InputError(f"{adapter.info.model_id}'s chat template does not place the user's text once; fix the "
+                         "checkpoint's chat template")
+    before, after = (tokenizer(part, add_special_tokens=False).input_ids for part in parts)
+    user = tokenizer(prompt, add_special_tokens=False, split_special_tokens=True).input_ids
+    ids = before + user + after
+    refuse_overlong(adapter, len(ids), "the prompt")
     count = ids.count(adapter.video_token_id)
     if count != 1:
         raise InputError(f"the chat template rendered {count} video placeholders for this prompt, not 1 (a prompt "
@@ -50,6 +79,7 @@ def assemble(adapter, prompt: str, visual: Tensor) -> PromptInputs:
     if visual.shape[-1] != hidden:
         raise InputError(f"the vision output is {visual.shape[-1]} wide but the LLM's hidden size is {hidden}; "
                          "pair the export with the LLM of the same checkpoint")
+    refuse_overlong(adapter, len(ids) - 1 + visual.shape[0] + 1, "the prompt with its visual tokens")
     at = ids.index(adapter.video_token_id)
     video = torch.cat([visual.float(), adapter.image_newline.detach().float().unsqueeze(0)])
     expanded = ids[:at] + [adapter.video_token_id] * video.shape[0] + ids[at + 1:]

@@ -11,13 +11,16 @@ peak memory is its own.
 from __future__ import annotations
 
 import multiprocessing as mp
+import queue as queues
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
 from aot_export.config import AOTConfig
+from aot_export.errors import InputError
 from aot_export.report import format_table, peak_rss_mib
 
 RETENTIONS = (0.10, 0.15, 0.20, 0.25)
@@ -122,21 +125,74 @@ def prefill(visual_tokens: int) -> dict[str, float]:
     return {"sequence": visual_tokens + TEXT_TOKENS, "prefill_s": time.perf_counter() - start}
 
 
+class WorkerFailed(RuntimeError):
+    """A measurement's process raised or died; the message is its error in one line."""
+
+
 def _child(queue: mp.Queue, fn: Callable[..., dict], args: tuple) -> None:
-    result = fn(*args)
+    try:
+        result = fn(*args)
+    except BaseException as exc:  # noqa: BLE001 - handed to the parent, which reports it
+        queue.put({"error": f"{exc.__class__.__name__}: {' '.join(str(exc).split())}",
+                   "traceback": traceback.format_exc()})
+        return
     result["peak_rss_mib"] = peak_rss_mib()
     queue.put(result)
 
 
-def isolated(fn: Callable[..., dict], *args: Any) -> dict:
-    """`fn(*args)` in a fresh process; its result with that process's peak RSS."""
+def isolated(fn: Callable[..., dict], *args: Any, poll_s: float = 0.5) -> dict:
+    """`fn(*args)` in a fresh process; its result with that process's peak RSS. A process that raises or dies
+    (killed, out of memory) ends the wait with `WorkerFailed` instead of leaving the parent on an empty queue."""
     context = mp.get_context("spawn")
     queue = context.Queue()
     process = context.Process(target=_child, args=(queue, fn, args))
     process.start()
-    result = queue.get()
-    process.join()
+    call = f"{fn.__name__}{args}"
+    try:
+        while True:
+            try:
+                result = queue.get(timeout=poll_s)
+                break
+            except queues.Empty:
+                if not process.is_alive():
+                    # it may have put its result just before exiting
+                    try:
+                        result = queue.get(timeout=poll_s)
+                        break
+                    except queues.Empty:
+                        raise WorkerFailed(f"bench worker {call} died with exit code {process.exitcode} "
+                                           "(a negative code is the signal that killed it, -9 often out of memory)"
+                                           ) from None
+    finally:
+        process.join(timeout=10)
+        if process.is_alive():
+            process.kill()
+            process.join()
+    if "error" in result:
+        raise WorkerFailed(f"bench worker {call} failed: {result['error']}")
     return result
+
+
+def check_bench_arguments(widths: tuple[int, ...], encoder_frames: int, repeats: int, graph_frames: int,
+                          retentions: tuple[float, ...], frames: int) -> None:
+    """Every argument checked before the first measurement (each takes minutes)."""
+    from aot_export import AOTConfig
+
+    for name, values, low in (("--widths", widths, 1), ("--encoder-frames", (encoder_frames,), 1),
+                              ("--repeats", (repeats,), 1), ("--graph-frames", (graph_frames,), 0),
+                              ("--frames", (frames,), 1)):
+        bad = [v for v in values if int(v) != v or v < low]
+        if bad:
+            raise InputError(f"{name} {bad[0]} is out of range; give whole numbers of {low} or more")
+    if graph_frames:
+        AOTConfig(frames=graph_frames, clip_len=4 if graph_frames % 4 == 0 else 1)
+    for retention in retentions:
+        if not 0 < retention <= 1:
+            raise InputError(f"--retentions {retention} is not a share in (0, 1]; e.g. 0.15 keeps 15 % of the tokens")
+        try:
+            AOTConfig.from_retention(frames, retention)
+        except ValueError as exc:
+            raise InputError(f"--retentions {retention} with --frames {frames}: {exc}") from exc
 
 
 @dataclass
@@ -178,6 +234,7 @@ def run_bench(widths: tuple[int, ...] = (896, 3584), encoder_frames: int = 2, re
     without AOT); the reducer-vs-encoder leg and the prefill decoder are the fixed LLaVA-OneVision-sized ones."""
     from aot_export.adapters import load_model
 
+    check_bench_arguments(widths, encoder_frames, repeats, graph_frames, retentions, frames)
     adapter = load_model(model)
     report = BenchReport()
     for hidden in widths:

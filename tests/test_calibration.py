@@ -176,6 +176,7 @@ def test_calibrated_export_directory(int8, tiny_export, clips):
     assert calibration["source"]["files"] == source.files
     assert calibration["holdout"]["name"] == "holdout.mp4"
     assert calibration["holdout"]["metrics"] == pytest.approx(report.metrics)
+    assert manifest.calibration_passed is report.passed             # the verdict travels with the export
     assert (tiny_export / GRAPH).stat().st_size and read_manifest(tiny_export) == source      # the source is untouched
 
 
@@ -331,7 +332,8 @@ def test_interrupted_calibration_leaves_nothing(tiny_export, int8, clips, tmp_pa
 
     monkeypatch.setattr(calibration.calibrate, "quantize_graph", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        calibrate_export(tiny_export, [clips[0]], "int8", target, holdout=clips[1], clips_per_video=1, progress=False)
+        calibrate_export(tiny_export, [clips[0]], "int8", target, holdout=clips[1], clips_per_video=1, progress=False,
+                         force=True)
     assert sorted((p.name, sha256_file(p)) for p in target.iterdir()) == before
     assert [p.name for p in tmp_path.iterdir()] == ["keep"]
 

@@ -28,6 +28,8 @@ def test_demo_on_a_synthesized_clip(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == EXIT_OK, out
     assert "PASS" in out and "visual tokens with AOT" in out
+    assert "random weights" in out and f"written   " in out and str(tmp_path / "work" / "export") in out
+    assert "aot-export build " in out and "aot-export run " in out          # what to run next
     report = json.loads(report_path.read_text())
     assert report["passed"] and report["output_tokens"] == 752 and report["input_tokens"] == 6272
     (validation,) = report["validations"]

@@ -232,9 +232,11 @@ def test_manifest_hash_mismatch(tiny_export, tmp_path, capsys, target):
         byte = handle.read(1)
         handle.seek(100)
         handle.write(bytes([byte[0] ^ 0xFF]))
-    for argv in (["check", str(tampered)], ["validate", str(tampered), "--video", "unused.mp4"]):
-        err = bad_input(capsys, argv)
-        assert target in err and "sha256" in err
+    assert main(["check", str(tampered), "--no-tensorrt"]) == EXIT_FAILED      # check: a finding, exit 1
+    out = capsys.readouterr().out
+    assert target in out and "sha256" in out
+    err = bad_input(capsys, ["validate", str(tampered), "--video", "unused.mp4"])   # loading it: refused
+    assert target in err and "sha256" in err
 
 
 def test_not_an_export_dir(tmp_path, capsys):
@@ -259,7 +261,7 @@ def test_interrupted_export_keeps_the_old_one(tiny_export, tmp_path, tiny, monke
 
     monkeypatch.setattr(aot_export.export, "verify_static", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        export_vision_aot(tiny, CFG, target, progress=False)
+        export_vision_aot(tiny, CFG, target, progress=False, force=True)
     assert sorted((p.name, p.stat().st_size) for p in target.iterdir()) == before
     assert [p.name for p in tmp_path.iterdir()] == ["keep"]
 

@@ -2,6 +2,7 @@
 pipeline with and without AOT, chain validation, streaming clips and bad input."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -44,10 +45,16 @@ def test_prompt_assembly_matches_hf_forward(tiny):
     np.testing.assert_allclose(ours, theirs.numpy(), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("prompt, words", [("", "empty"), ("   ", "empty"), ("<video> twice?", "placeholders")])
+@pytest.mark.parametrize("prompt, words", [("", "empty"), ("   ", "empty")])
 def test_bad_prompts(tiny, prompt, words):
     with pytest.raises(InputError, match=words):
         assemble(tiny, prompt, torch.zeros(3, 64))
+
+
+def test_a_typed_video_token_is_text(tiny):
+    """`<video>` typed by the user is ordinary text: the video goes where the template puts it, once."""
+    inputs = assemble(tiny, "<video> twice?", torch.zeros(3, 64))
+    assert (inputs.input_ids == tiny.video_token_id).sum() == 3 + 1
 
 
 def test_vision_width_must_match_the_llm(tiny):
@@ -172,3 +179,39 @@ def test_cli_run_and_bad_input(tiny_export, clip, tmp_path, capsys):
                  "--llm", str(tmp_path)]) == EXIT_BAD_INPUT
     err = capsys.readouterr().err
     assert "prompt is empty" in err and "no such video" in err and "engine directory" in err and "llm.json" in err
+
+
+def test_onnx_llm_is_verified_on_load(tiny, onnx_llm, tmp_path, clip, capsys):
+    """Sizes always, sha256 unless skipped; a missing file, a JSON list, a CUDA build on CPU: one line each."""
+    import shutil
+
+    from aot_export.manifest import hashes_skipped
+
+    def copy(name):
+        return Path(shutil.copytree(onnx_llm, tmp_path / name))
+
+    manifest = json.loads((onnx_llm / LLM_MANIFEST).read_text())
+    weights = max(manifest["files"], key=lambda name: (onnx_llm / name).stat().st_size)
+    tampered = copy("tampered")
+    data = bytearray((tampered / weights).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (tampered / weights).write_bytes(bytes(data))
+    with pytest.raises(InputError, match="sha256 differs"):
+        OnnxDecoder(tampered, tiny)
+    assert main(["run", "--model", "tiny-llava-ov", "--video", str(clip), "--prompt", PROMPT, "--llm",
+                 str(tampered), "--max-new-tokens", "2"]) == EXIT_BAD_INPUT
+    assert "changed after it was built" in capsys.readouterr().err
+    with hashes_skipped():
+        OnnxDecoder(tampered, tiny)                   # --skip-hash: sizes only, as the user asked
+    missing = copy("missing")
+    (missing / weights).unlink()
+    with pytest.raises(InputError, match=f"{weights} named by the manifest is missing"):
+        OnnxDecoder(missing, tiny)
+    cuda = copy("cuda")
+    (cuda / LLM_MANIFEST).write_text(json.dumps({**manifest, "execution_provider": "cuda"}))
+    with pytest.raises(InputError, match="built for the cuda execution provider"):
+        OnnxDecoder(cuda, tiny)
+    listed = copy("listed")
+    (listed / LLM_MANIFEST).write_text("[]")
+    with pytest.raises(InputError, match="JSON list, not an object"):
+        OnnxDecoder(listed, tiny)

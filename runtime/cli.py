@@ -114,13 +114,21 @@ def _add_validate(parser: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from runtime.pipeline import Pipeline
+    from runtime.device.bundle import is_bundle
+    from runtime.device.pipeline import measure
 
     if not args.prompt.strip():
         raise InputError("the prompt is empty; pass --prompt with a question about the video")
-    with Pipeline(args.model, backend=args.backend, llm=args.llm, device=args.device, reduce=not args.no_reduce,
-                  export=args.export) as pipeline:
-        report = pipeline.answer(args.video, args.prompt, max_new_tokens=args.max_new_tokens)
+    if is_bundle(args.model):
+        pipeline = _device_pipeline(args)
+    else:
+        from runtime.pipeline import Pipeline
+
+        pipeline = Pipeline(args.model, backend=args.backend, llm=args.llm, device=args.device,
+                            reduce=not args.no_reduce, export=args.export)
+    with pipeline:
+        report = measure(pipeline, args.video, args.prompt, args.max_new_tokens, args.warmup, args.repeat)
+    report.settings["peak_rss_mib"] = peak_rss_mib()
     print(report.table())
     write_json(args.json, report.to_dict())
     return EXIT_OK
@@ -140,6 +148,51 @@ def _add_run(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--no-reduce", action="store_true", help="all visual tokens, no AOT, for comparison")
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    _add_run_latency(parser)
+
+
+# ---- the device runtime: `run --model BUNDLE`, latency repeats, `bundle` (issue #13) ----------------------------
+def _device_pipeline(args: argparse.Namespace):
+    from runtime.device.pipeline import DevicePipeline
+
+    for option, value in (("--backend", args.backend), ("--export", args.export), ("--no-reduce", args.no_reduce)):
+        if value:
+            raise InputError(f"{option} does not apply to a bundle (it holds one vision artifact, checked against "
+                             "its export); drop it, or run the export/engine directory instead")
+    return DevicePipeline(args.model, device=args.device, intra_op_threads=args.threads,
+                          allow_spinning=args.spinning == "on", kv=args.kv)
+
+
+def _add_run_latency(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--warmup", type=int, default=0, help="untimed runs before the timed ones (0)")
+    parser.add_argument("--repeat", type=int, default=1, help="timed runs: p50 / p90 / max per stage (1)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="bundle: ONNX Runtime intra-op threads per session (default: one per core)")
+    parser.add_argument("--spinning", choices=("on", "off"), default="off",
+                        help="bundle: ONNX Runtime intra-op thread spinning (off: docs/benchmarks.md)")
+    parser.add_argument("--kv", choices=("bound", "numpy"), default="bound",
+                        help="bundle: KV cache bound in place with IOBinding (default) or copied through numpy")
+
+
+def _bundle(args: argparse.Namespace) -> int:
+    from runtime.bundle import write_bundle
+
+    out = write_bundle(args.model, args.llm, args.out, export=args.export, embeddings=args.embeddings)
+    files = sorted(p for p in out.rglob("*") if p.is_file())
+    size = sum(p.stat().st_size for p in files)
+    print(format_table([("bundle", str(out)), ("files", len(files)), ("size", f"{size / 1e6:.1f} MB"),
+                        ("peak RSS", f"{peak_rss_mib():.0f} MiB")], ("bundle", "")))
+    write_json(args.json, {"directory": str(out), "files": len(files), "bytes": size})
+    return EXIT_OK
+
+
+def _add_bundle(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="export directory or engine directory")
+    parser.add_argument("--llm", required=True, help="ONNX LLM directory (`aot-export quantize-llm`)")
+    parser.add_argument("--export", default=None, help="the export an engine --model was built from")
+    parser.add_argument("--embeddings", choices=("fp16", "fp32"), default="fp16",
+                        help="dtype of the stored text embedding table (fp16)")
+    parser.add_argument("--out", required=True, help="bundle directory to write")
 
 
 def _quantize_llm(args: argparse.Namespace) -> int:
@@ -337,6 +390,8 @@ COMMANDS: dict[str, Command] = {
     "visualize": Command("a PNG of what AOT keeps, merges and drops on a video", _add_visualize, _visualize),
     "run": Command("answer a prompt about a video: vision (+AOT) → LLM, with a latency table", _add_run, _run),
     "demo": Command("the whole chain on the built-in default, no arguments needed", _add_demo, _demo),
+    "bundle": Command("export/engine + ONNX LLM → one directory the device runtime runs (no torch)",
+                      _add_bundle, _bundle),
 }
 
 

@@ -11,7 +11,7 @@ from runtime.cli import EXIT_BAD_INPUT, EXIT_OK, main
 from aot_export.errors import InputError
 from conftest import TINY_CFG
 from runtime.chain import kl_divergence, validate_chain
-from runtime.llm import LLM_MANIFEST, OnnxDecoder, TransformersDecoder, build_onnx_decoder
+from runtime.llm import LLM_MANIFEST, OnnxDecoder, TransformersDecoder
 from runtime.pipeline import Pipeline
 from runtime.prompt import assemble
 from aot_export.video import rolling_clips, synthesize_clip
@@ -21,8 +21,8 @@ CFG = TINY_CFG
 
 
 @pytest.fixture(scope="module")
-def onnx_llm(tiny, tmp_path_factory):
-    return build_onnx_decoder(tiny, tmp_path_factory.mktemp("llm") / "int4", progress=False)
+def onnx_llm(tiny_llm):
+    return tiny_llm
 
 
 @pytest.fixture(scope="module")

@@ -124,7 +124,7 @@ def _run(args: argparse.Namespace) -> int:
     else:
         from runtime.pipeline import Pipeline
 
-        pipeline = Pipeline(args.model, backend=args.backend, llm=args.llm, device=args.device,
+        pipeline = Pipeline(args.model, backend=args.backend, llm=args.llm or "transformers-int8", device=args.device,
                             reduce=not args.no_reduce, export=args.export)
     with pipeline:
         report = measure(pipeline, args.video, args.prompt, args.max_new_tokens, args.warmup, args.repeat)
@@ -143,8 +143,9 @@ def _add_run(parser: argparse.ArgumentParser) -> None:
                         help="vision backend (default: from the artifact)")
     parser.add_argument("--export", default=None,
                         help="the export an engine --model was built from, checked first (default: found beside it)")
-    parser.add_argument("--llm", default="transformers-int8",
-                        help="transformers, transformers-int8 (default) or an ONNX LLM directory (quantize-llm)")
+    parser.add_argument("--llm", default=None,
+                        help="transformers, transformers-int8 (default) or an ONNX LLM directory (quantize-llm); "
+                             "a bundle carries its own")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--no-reduce", action="store_true", help="all visual tokens, no AOT, for comparison")
     parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -155,10 +156,11 @@ def _add_run(parser: argparse.ArgumentParser) -> None:
 def _device_pipeline(args: argparse.Namespace):
     from runtime.device.pipeline import DevicePipeline
 
-    for option, value in (("--backend", args.backend), ("--export", args.export), ("--no-reduce", args.no_reduce)):
+    for option, value in (("--backend", args.backend), ("--export", args.export), ("--no-reduce", args.no_reduce),
+                          ("--llm", args.llm)):
         if value:
-            raise InputError(f"{option} does not apply to a bundle (it holds one vision artifact, checked against "
-                             "its export); drop it, or run the export/engine directory instead")
+            raise InputError(f"{option} does not apply to a bundle (it holds its vision artifact, checked against "
+                             "its export, and its LLM); drop it, or run the export/engine directory instead")
     return DevicePipeline(args.model, device=args.device, intra_op_threads=args.threads,
                           allow_spinning=args.spinning == "on", kv=args.kv)
 

@@ -63,7 +63,7 @@ class RunReport:
                 ("generated tokens", self.generated_tokens),
                 ("backends", f"vision {self.vision_backend}{' + AOT' if self.reduced else ', no reduction'}, "
                              f"LLM {self.llm_backend}")]
-        return f"answer: {self.answer!r}\n\n{timing}\n\n" + format_table(rows, ("", ""))
+        return f"answer: {self.answer!r}\n\n{timing}\n\n" + format_table(rows, ("run", ""))
 
 
 def with_ttft(seconds: dict[str, float]) -> dict[str, float]:

@@ -21,6 +21,7 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 BACKENDS = ("torch", "onnxruntime", "tensorrt")          # runtime.vision.RUNNERS, without importing it for --help
 # The team's footage beside a checkout, where the README's commands run from; a default of the shell, not the library.
 DEMO_FOOTAGE = "../shared/data/videos"
+EXPORT_STACK = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime_genai", "tqdm")   # pyproject [export]
 
 
 # ---- commands --------------------------------------------------------------------------------------------------
@@ -429,6 +430,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"aot-export {args.command}: interrupted; no partial artifact was left", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - the shell's last line of defence, reported in one line
+        missing = exc.name.split(".")[0] if isinstance(exc, ModuleNotFoundError) and exc.name else None
+        if missing in EXPORT_STACK:
+            # The base install is the device runtime; making artifacts needs the export stack (pyproject [export]).
+            print(f"aot-export {args.command}: error: this command needs {missing}, which the device runtime install "
+                  "leaves out; install the export stack: pip install 'aot-export[export]'", file=sys.stderr)
+            return EXIT_BAD_INPUT
         if args.debug:
             traceback.print_exc()
         print(f"aot-export {args.command}: internal error: {exc.__class__.__name__}: {_one_line(exc)} "

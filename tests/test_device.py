@@ -184,3 +184,13 @@ def test_engine_bundle_is_checked_against_its_export(tiny, tiny_export, tiny_llm
     (written / BUNDLE).write_text(json.dumps(data))
     with pytest.raises(EngineMismatch, match="onnx_sha256"):
         DevicePipeline(written)
+
+
+def test_export_commands_without_the_export_stack_say_what_to_install(tmp_path):
+    """In a runtime-only install torch is absent: `import torch` fails as it does there (None in sys.modules)."""
+    code = ("import sys; sys.modules['torch'] = None; from runtime.cli import main; "
+            f"sys.exit(main(['export', '--out', {str(tmp_path / 'x')!r}]))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == EXIT_BAD_INPUT, done.stderr
+    assert "needs torch" in done.stderr and "aot-export[export]" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1

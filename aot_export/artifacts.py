@@ -22,8 +22,8 @@ from typing import Iterator
 from .errors import InputError
 
 # kind → the file that marks a directory as an artifact of that kind (the kind's manifest)
-MARKERS = {"export": "manifest.json", "engine": "engine.json", "llm": "llm.json"}
-NAMES = {"export": "an export", "engine": "an engine", "llm": "an ONNX LLM"}
+MARKERS = {"export": "manifest.json", "engine": "engine.json", "llm": "llm.json", "bundle": "bundle.json"}
+NAMES = {"export": "an export", "engine": "an engine", "llm": "an ONNX LLM", "bundle": "a bundle"}
 STAGING_SUFFIX = ".partial"
 # Free space asked for beyond an artifact's expected size: manifests, sidecars, the file system's own slack.
 SPACE_MARGIN = 16 << 20

@@ -67,21 +67,24 @@ class OnnxRuntimeRunner(VisionRunner):
     """An ONNX graph on ONNX Runtime. Session options are explicit arguments, recorded in `settings`:
     `intra_op_threads` (None: ORT's default, one per core) and `allow_spinning` (ORT's
     `session.intra_op.allow_spinning`; spinning threads slowed an LLM prefill that ran right after the vision
-    graph 3–6× on 2 cores, DESIGN.md)."""
+    graph 3–6× on 2 cores, DESIGN.md) and `memory_arena` (ORT's CPU arena keeps the graph's peak activation
+    memory after a run; off, it is returned, so a session that runs next — the LLM — does not stack on it)."""
 
     backend = "onnxruntime"
 
     def __init__(self, graph: str | os.PathLike, providers: tuple[str, ...] | list[str] = ("CPUExecutionProvider",),
                  intra_op_threads: int | None = None, allow_spinning: bool = True, input_name: str = "frames",
-                 name: str | None = None):
+                 name: str | None = None, memory_arena: bool = True):
         self.graph = Path(graph)
         self.providers = tuple(providers)
         self.intra_op_threads = intra_op_threads
         self.allow_spinning = allow_spinning
+        self.memory_arena = memory_arena
         provider = self.providers[0].replace("ExecutionProvider", "").lower()
         super().__init__(input_name, name or f"onnxruntime-{provider}",
                          {"graph": str(self.graph), "providers": list(self.providers),
-                          "intra_op_threads": intra_op_threads, "allow_spinning": allow_spinning})
+                          "intra_op_threads": intra_op_threads, "allow_spinning": allow_spinning,
+                          "memory_arena": memory_arena})
 
     @classmethod
     def from_export(cls, directory: str | os.PathLike, device: str = "auto", manifest: Manifest | None = None,
@@ -98,6 +101,7 @@ class OnnxRuntimeRunner(VisionRunner):
         if self.intra_op_threads is not None:
             options.intra_op_num_threads = self.intra_op_threads
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.allow_spinning else "0")
+        options.enable_cpu_mem_arena = self.memory_arena
         self.session = ort.InferenceSession(str(self.graph), sess_options=options, providers=list(self.providers))
         self.output_names = [output.name for output in self.session.get_outputs()]
 

@@ -25,6 +25,7 @@ BACKENDS = ("torch", "onnxruntime", "tensorrt")          # runtime.vision.RUNNER
 EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
 # The team's footage beside a checkout, where the README's commands run from; a default of the shell, not the library.
 DEMO_FOOTAGE = "../shared/data/videos"
+EXPORT_STACK = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime_genai", "tqdm")   # pyproject [export]
 
 
 # ---- argument types: a bad value is one line from argparse (exit 2) before any work -----------------------------
@@ -159,15 +160,23 @@ def _add_validate(parser: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from runtime.pipeline import Pipeline
+    from runtime.device.bundle import is_bundle
+    from runtime.device.pipeline import measure
 
     if not args.prompt.strip():
         raise InputError("the prompt is empty; pass --prompt with a question about the video")
-    with Pipeline(args.model, backend=args.backend, llm=args.llm, device=args.device, reduce=not args.no_reduce,
-                  export=args.export, allow_failed=args.allow_failed) as pipeline:
+    if is_bundle(args.model):
+        pipeline = _device_pipeline(args)
+    else:
+        from runtime.pipeline import Pipeline
+
+        pipeline = Pipeline(args.model, backend=args.backend, llm=args.llm or "transformers-int8", device=args.device,
+                            reduce=not args.no_reduce, export=args.export, allow_failed=args.allow_failed)
         if pipeline.warning:
             print(pipeline.warning, file=sys.stderr)
-        report = pipeline.answer(args.video, args.prompt, max_new_tokens=args.max_new_tokens)
+    with pipeline:
+        report = measure(pipeline, args.video, args.prompt, args.max_new_tokens, args.warmup, args.repeat)
+    report.settings["peak_rss_mib"] = peak_rss_mib()
     print(report.table())
     write_json(args.json, report.to_dict())
     return EXIT_OK
@@ -182,14 +191,63 @@ def _add_run(parser: argparse.ArgumentParser) -> None:
                         help="vision backend (default: from the artifact)")
     parser.add_argument("--export", default=None,
                         help="the export an engine --model was built from, checked first (default: found beside it)")
-    parser.add_argument("--llm", default="transformers-int8",
-                        help="transformers, transformers-int8 (default) or an ONNX LLM directory (quantize-llm)")
+    parser.add_argument("--llm", default=None,
+                        help="transformers, transformers-int8 (default) or an ONNX LLM directory (quantize-llm); "
+                             "a bundle carries its own")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="ONNX Runtime device for the vision graph (auto: CUDA when available)")
     parser.add_argument("--no-reduce", action="store_true", help="all visual tokens, no AOT, for comparison")
     parser.add_argument("--max-new-tokens", type=positive_int, default=32, help="most tokens generated (32)")
     parser.add_argument("--allow-failed", action="store_true",
                         help="run an export or engine whose calibration failed its gates (refused otherwise)")
+    _add_run_latency(parser)
+
+
+# ---- the device runtime: `run --model BUNDLE`, latency repeats, `bundle` (issue #13) ----------------------------
+def _device_pipeline(args: argparse.Namespace):
+    from runtime.device.pipeline import DevicePipeline
+
+    for option, value in (("--backend", args.backend), ("--export", args.export), ("--no-reduce", args.no_reduce),
+                          ("--llm", args.llm)):
+        if value:
+            raise InputError(f"{option} does not apply to a bundle (it holds its vision artifact, checked against "
+                             "its export, and its LLM); drop it, or run the export/engine directory instead")
+    return DevicePipeline(args.model, device=args.device, intra_op_threads=args.threads,
+                          allow_spinning=args.spinning == "on", kv=args.kv)
+
+
+def _add_run_latency(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--warmup", type=non_negative_int, default=0, help="untimed runs before the timed ones (0)")
+    parser.add_argument("--repeat", type=positive_int, default=1, help="timed runs: p50 / p90 / max per stage (1)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="bundle: ONNX Runtime intra-op threads per session (default: one per core)")
+    parser.add_argument("--spinning", choices=("on", "off"), default="off",
+                        help="bundle: ONNX Runtime intra-op thread spinning (off: docs/benchmarks.md)")
+    parser.add_argument("--kv", choices=("bound", "numpy"), default="bound",
+                        help="bundle: KV cache bound in place with IOBinding (default) or copied through numpy")
+
+
+def _bundle(args: argparse.Namespace) -> int:
+    from runtime.bundle import write_bundle
+
+    out = write_bundle(args.model, args.llm, args.out, export=args.export, embeddings=args.embeddings,
+                       force=args.force)
+    files = sorted(p for p in out.rglob("*") if p.is_file())
+    size = sum(p.stat().st_size for p in files)
+    print(format_table([("bundle", str(out)), ("files", len(files)), ("size", f"{size / 1e6:.1f} MB"),
+                        ("peak RSS", f"{peak_rss_mib():.0f} MiB")], ("bundle", "")))
+    write_json(args.json, {"directory": str(out), "files": len(files), "bytes": size})
+    return EXIT_OK
+
+
+def _add_bundle(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="export directory or engine directory")
+    parser.add_argument("--llm", required=True, help="ONNX LLM directory (`aot-export quantize-llm`)")
+    parser.add_argument("--export", default=None, help="the export an engine --model was built from")
+    parser.add_argument("--embeddings", choices=("fp16", "fp32"), default="fp16",
+                        help="dtype of the stored text embedding table (fp16)")
+    parser.add_argument("--out", required=True, help="bundle directory to write (new, empty, or a bundle with --force)")
+    parser.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
 
 
 def _quantize_llm(args: argparse.Namespace) -> int:
@@ -398,6 +456,8 @@ COMMANDS: dict[str, Command] = {
     "visualize": Command("a PNG of what AOT keeps, merges and drops on a video", _add_visualize, _visualize),
     "run": Command("answer a prompt about a video: vision (+AOT) → LLM, with a latency table", _add_run, _run),
     "demo": Command("the whole chain on the built-in default, no arguments needed", _add_demo, _demo),
+    "bundle": Command("export/engine + ONNX LLM → one directory the device runtime runs (no torch)",
+                      _add_bundle, _bundle),
 }
 
 
@@ -459,6 +519,12 @@ def main(argv: Sequence[str] | None = None) -> int:
               "no partial artifact was left", file=sys.stderr)
         return EXIT_INTERRUPTED[signum]
     except Exception as exc:  # noqa: BLE001 - the shell's last line of defence, reported in one line
+        missing = exc.name.split(".")[0] if isinstance(exc, ModuleNotFoundError) and exc.name else None
+        if missing in EXPORT_STACK:
+            # The base install is the device runtime; making artifacts needs the export stack (pyproject [export]).
+            print(f"aot-export {args.command}: error: this command needs {missing}, which the device runtime install "
+                  "leaves out; install the export stack: pip install 'aot-export[export]'", file=sys.stderr)
+            return EXIT_BAD_INPUT
         if args.debug:
             traceback.print_exc()
         return _internal(args, exc)

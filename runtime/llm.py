@@ -31,41 +31,18 @@ from torch import Tensor, nn
 
 from aot_export.artifacts import atomic_dir, check_destination
 from aot_export.errors import InputError
-from aot_export.manifest import VERIFY_HASHES, file_findings, hash_files, read_json_object
+from aot_export.manifest import hash_files
 
-LLM_MANIFEST = "llm.json"
+from .device.decoder import LLM_MANIFEST, Generation, OrtDecoder, greedy, read_llm_manifest
 
-
-@dataclass
-class Generation:
-    tokens: list[int]
-    step_logits: list[np.ndarray]          # logits [V] before each generated token (index 0: the first token)
-    prefill_s: float                       # time to first token
-    decode_s: float                        # the remaining tokens
-    prompt_tokens: int
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        return (len(self.tokens) - 1) / self.decode_s if len(self.tokens) > 1 and self.decode_s > 0 else float("nan")
+__all__ = ["LLM_MANIFEST", "Generation", "OnnxDecoder", "TransformersDecoder", "build_onnx_decoder", "greedy",
+           "load_llm", "read_llm_manifest"]
 
 
 @torch.inference_mode()
 def embed_token(adapter, token: int) -> Tensor:
     """[1, 1, H]: one generated token through the LLM's own embedding table (every backend feeds embeddings)."""
     return adapter.embed_tokens(torch.tensor([[token]])).float()
-
-
-def greedy(step, embed, first_logits: np.ndarray, max_new_tokens: int, eos: int | None,
-           forced: list[int] | None) -> tuple[list[int], list[np.ndarray]]:
-    """The decoding loop shared by every backend: `step(embedding [1,1,H]) -> logits [V]`."""
-    tokens, logits = [], [first_logits]
-    for i in range(max_new_tokens):
-        token = forced[i] if forced is not None else int(np.argmax(logits[-1]))
-        tokens.append(token)
-        if i + 1 == max_new_tokens or (forced is None and token == eos):
-            break
-        logits.append(step(embed(token)))
-    return tokens, logits
 
 
 @dataclass
@@ -116,93 +93,32 @@ class TransformersDecoder:
 
 @dataclass
 class OnnxDecoder:
+    """The device runtime's `OrtDecoder` (IOBinding KV loop), fed the adapter's embeddings."""
+
     directory: Path
     adapter: object
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     name: str = field(init=False)
 
     def __post_init__(self) -> None:
-        import onnxruntime as ort
-
         self.directory = Path(self.directory)
         manifest = read_llm_manifest(self.directory)
-        built_for = manifest.get("execution_provider", "cpu")
-        if built_for != "cpu" and self.providers == ("CPUExecutionProvider",):
-            raise InputError(f"{self.directory} was built for the {built_for} execution provider and cannot run on "
-                             f"this CPU; rebuild it with `aot-export quantize-llm --ep cpu`, or run where "
-                             f"{built_for} is available")
         hidden = self.adapter.info.hidden
         if manifest["hidden_size"] != hidden or manifest["config_hash"] != self.adapter.info.config_hash:
             raise InputError(f"{self.directory} was built from {manifest['model_id']} (hidden "
                              f"{manifest['hidden_size']}, config {manifest['config_hash']}), not from "
                              f"{self.adapter.info.model_id} (hidden {hidden}, config "
                              f"{self.adapter.info.config_hash}); rebuild it with `aot-export quantize-llm`")
-        config = json.loads((self.directory / "genai_config.json").read_text())["model"]["decoder"]
-        self.layers, self.kv_heads, self.head_size = (config["num_hidden_layers"], config["num_key_value_heads"],
-                                                      config["head_size"])
-        self.session = ort.InferenceSession(str(self.directory / config["filename"]), providers=list(self.providers))
-        self.position_axes = next((len(i.shape) for i in self.session.get_inputs() if i.name == "position_ids"), 0)
-        self.name = f"onnx-{manifest['precision']}"
-
-    def _run(self, embeds: np.ndarray, past: dict[str, np.ndarray], total: int, positions: np.ndarray | None = None):
-        feeds = {"inputs_embeds": embeds.astype(np.float32), "attention_mask": np.ones((1, total), np.int64), **past}
-        if positions is not None:
-            feeds["position_ids"] = positions.astype(np.int64)
-        outputs = self.session.run(None, feeds)
-        names = [o.name for o in self.session.get_outputs()]
-        result = dict(zip(names, outputs))
-        present = {name.replace("present", "past_key_values"): value for name, value in result.items()
-                   if name.startswith("present")}
-        return result["logits"][0, -1], present
+        self.core = OrtDecoder(self.directory, tuple(self.providers))
+        self.name, self.settings = self.core.name, self.core.settings
 
     def generate(self, embeds: Tensor, max_new_tokens: int, eos: int | None = None,
                  forced: list[int] | None = None, position_ids: Tensor | None = None) -> Generation:
-        """`position_ids` [3, 1, L] as for `TransformersDecoder.generate`; the decoder must take them (the builder
+        """`position_ids` [3, 1, L] as for `TransformersDecoder.generate` (the decoder must take them: the builder
         gives Qwen2.5-VL's text model a 3-D `position_ids` input)."""
-        if position_ids is not None and self.position_axes != 3:
-            raise InputError(f"{self.directory}: this ONNX decoder has no 3-D position_ids input, so it cannot place "
-                             "visual tokens at their (t, h, w) positions; rebuild it with `aot-export quantize-llm` "
-                             "from a Qwen2.5-VL checkpoint or use --llm transformers")
-        empty = np.zeros((1, self.kv_heads, 0, self.head_size), np.float32)
-        past = {f"past_key_values.{i}.{kind}": empty for i in range(self.layers) for kind in ("key", "value")}
-        length = embeds.shape[1]
-        positions = None if position_ids is None else position_ids.numpy()
-        start = time.perf_counter()
-        first, past = self._run(embeds.numpy(), past, length, positions)
-        prefill = time.perf_counter() - start
-        position = None if positions is None else int(positions.max()) + 1
-
-        def step(embedding: Tensor) -> np.ndarray:
-            nonlocal past, length, position
-            length += 1
-            logits, past = self._run(embedding.numpy(), past, length,
-                                     None if position is None else np.full((3, 1, 1), position))
-            if position is not None:
-                position += 1
-            return logits
-
-        start = time.perf_counter()
-        tokens, logits = greedy(step, partial(embed_token, self.adapter), first, max_new_tokens, eos, forced)
-        return Generation(tokens, logits, prefill, time.perf_counter() - start, embeds.shape[1])
-
-
-def read_llm_manifest(directory: Path, verify: bool | None = None) -> dict:
-    """`llm.json`, refused unless every file it names is there with its recorded size and (unless `verify` is
-    False or hashes are skipped) sha256."""
-    directory = Path(directory)
-    path = directory / LLM_MANIFEST
-    if not path.is_file():
-        raise InputError(f"{directory}: no {LLM_MANIFEST}; build the ONNX LLM with `aot-export quantize-llm`")
-    manifest = read_json_object(path, "rebuild it with `aot-export quantize-llm`")
-    files, sizes = manifest.get("files"), manifest.get("sizes", {})
-    if not isinstance(files, dict) or not isinstance(sizes, dict) or not files:
-        raise InputError(f"{path}: names no files with their sha256; rebuild it with `aot-export quantize-llm`")
-    hashes = VERIFY_HASHES.get() if verify is None else verify
-    findings = file_findings(directory, files, sizes, hashes)
-    if findings:
-        raise InputError(f"{directory}: {findings[0]}; the LLM was changed after it was built: rebuild it with "
-                         "`aot-export quantize-llm` or restore it")
-    return manifest
+        embed = partial(embed_token, self.adapter)
+        return self.core.generate(embeds.numpy(), max_new_tokens, lambda token: embed(token).numpy(), eos, forced,
+                                  None if position_ids is None else position_ids.numpy())
 
 
 def build_onnx_decoder(adapter, out_dir: str | os.PathLike, precision: str = "int4",

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,41 +15,15 @@ import torch
 
 from aot_export.manifest import refuse_failed_calibration
 from aot_export.preprocess import Preprocessing, preprocess_frames
-from aot_export.report import format_table
+from aot_export.video import decode_frames
 
+from .device.pipeline import RunReport, with_ttft
 from .llm import load_llm
 from .positions import assemble_for, full_index
 from .prompt import chat_ids
-from aot_export.video import decode_frames
 from .vision import model_adapter, open_runner, resolve_artifact
 
 DEFAULT_FRAMES = 32
-
-
-@dataclass
-class RunReport:
-    answer: str
-    reduced: bool
-    vision_backend: str
-    llm_backend: str
-    visual_tokens: int                     # positions the video takes in the prompt (tokens + newline)
-    prompt_tokens: int
-    generated_tokens: int
-    seconds: dict[str, float] = field(default_factory=dict)
-    decode_tokens_per_s: float = float("nan")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-    def table(self) -> str:
-
-        rows = [*[(f"{stage}", f"{seconds * 1e3:.1f} ms") for stage, seconds in self.seconds.items()],
-                ("decode tokens/s", f"{self.decode_tokens_per_s:.1f}"),
-                ("visual tokens (incl. newline)", self.visual_tokens), ("prompt tokens", self.prompt_tokens),
-                ("generated tokens", self.generated_tokens),
-                ("backends", f"vision {self.vision_backend}{' + AOT' if self.reduced else ', no reduction'}, "
-                             f"LLM {self.llm_backend}")]
-        return f"answer: {self.answer!r}\n\n" + format_table(rows, ("stage", "latency"))
 
 
 class Pipeline:
@@ -118,9 +91,11 @@ class Pipeline:
                                          self.adapter.aot_frames(len(pixels)))
         seconds["prompt assembly"] = time.perf_counter() - start
         generation = self.llm.generate(inputs.embeds, max_new_tokens, eos=self.eos, **positions)
-        seconds["LLM prefill (TTFT)"] = generation.prefill_s
+        seconds["LLM prefill"] = generation.prefill_s
         seconds["LLM decode"] = generation.decode_s
         answer = self.adapter.tokenizer.decode(generation.tokens, skip_special_tokens=True)
         return RunReport(answer, self.reduce, self.vision.name if self.vision else "torch (HF video path)",
-                         self.llm.name, inputs.visual_tokens, inputs.length, len(generation.tokens), seconds,
-                         generation.decode_tokens_per_s)
+                         self.llm.name, inputs.visual_tokens, inputs.length, len(generation.tokens),
+                         with_ttft(seconds), generation.decode_tokens_per_s,
+                         settings={"vision": self.vision.settings if self.vision else {"backend": "torch"},
+                                   "llm": getattr(self.llm, "settings", {"backend": self.llm.name})})

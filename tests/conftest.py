@@ -25,6 +25,14 @@ def tiny_export(tiny, tmp_path_factory):
     return export_vision_aot(tiny, TINY_CFG, tmp_path_factory.mktemp("tiny-export") / "tiny", progress=False).directory
 
 
+@pytest.fixture(scope="session")
+def tiny_llm(tiny, tmp_path_factory):
+    """The tiny model's int4 ONNX LLM (onnxruntime-genai's builder), built once per session."""
+    from runtime.llm import build_onnx_decoder
+
+    return build_onnx_decoder(tiny, tmp_path_factory.mktemp("llm") / "int4", progress=False)
+
+
 SHARED_VIDEOS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "videos"
 
 

@@ -35,11 +35,8 @@ def tiny_config() -> "LlavaOnevisionConfig":
     text = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, vocab_size=512, max_position_embeddings=8192,
                        tie_word_embeddings=True, eos_token_id=2, pad_token_id=0, bos_token_id=None)
-    tokenizer = tiny_tokenizer()
     return LlavaOnevisionConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), vision_feature_layer=-1,
-                                vision_feature_select_strategy="full",
-                                image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-                                video_token_index=tokenizer.convert_tokens_to_ids("<video>"))
+                                vision_feature_select_strategy="full", **placeholder_ids(tiny_tokenizer()))
 
 
 # The chat template the published LLaVA-OneVision (Qwen2) checkpoints carry.
@@ -86,9 +83,32 @@ def onevision_05b_config() -> "LlavaOnevisionConfig":
                                 num_attention_heads=16, image_size=384, patch_size=14, vision_use_head=False)
     text = Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                        num_key_value_heads=2, vocab_size=152000, max_position_embeddings=32768,
-                       tie_word_embeddings=True)
+                       tie_word_embeddings=True, eos_token_id=2, pad_token_id=0, bos_token_id=None)
+    # The built-in carries the tiny tokenizer (no download), so its placeholder ids are that tokenizer's, not the
+    # published checkpoint's 151646/151647 (which the tiny vocabulary does not have).
     return LlavaOnevisionConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), vision_feature_layer=-1,
-                                vision_feature_select_strategy="full")
+                                vision_feature_select_strategy="full", **placeholder_ids(tiny_tokenizer()))
+
+
+PLACEHOLDERS = {"image_token_index": "<image>", "video_token_index": "<video>"}
+
+
+def placeholder_ids(tokenizer: Any) -> dict[str, int]:
+    """The config fields that name the chat template's placeholders, as this tokenizer spells them."""
+    return {field: tokenizer.convert_tokens_to_ids(token) for field, token in PLACEHOLDERS.items()}
+
+
+def check_placeholders(model_id: str, config: Any, tokenizer: Any) -> None:
+    """The tokenizer and the config must agree on the placeholder ids, or every prompt renders 0 video
+    placeholders; checked before the weights load (seconds to minutes), naming the real cause."""
+    if tokenizer is None:
+        return
+    for field, token in PLACEHOLDERS.items():
+        in_tokenizer, in_config = tokenizer.convert_tokens_to_ids(token), getattr(config, field)
+        if in_tokenizer != in_config:
+            raise InputError(f"{model_id}: the tokenizer's {token} is id {in_tokenizer} but the config's {field} is "
+                             f"{in_config}; the tokenizer and config.json come from different checkpoints: put the "
+                             "checkpoint's own tokenizer files beside its config.json")
 
 
 # Processor settings of the published LLaVA-OneVision checkpoints (SigLIP normalisation).
@@ -193,26 +213,30 @@ class LlavaOnevisionAdapter(ModelAdapter):
         """The architecture from `config` with seeded random weights (no checkpoint, no download)."""
         from transformers import LlavaOnevisionForConditionalGeneration
 
+        tokenizer = tiny_tokenizer()
+        check_placeholders(model_id, config, tokenizer)
         config._attn_implementation = "sdpa"
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = LlavaOnevisionForConditionalGeneration(config)
-        return cls(model_id, model, preprocessing, tiny_tokenizer())
+        return cls(model_id, model, preprocessing, tokenizer)
 
     @classmethod
     def from_checkpoint(cls, directory: Path) -> "LlavaOnevisionAdapter":
-        from transformers import LlavaOnevisionForConditionalGeneration
+        from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
         config = json.loads((directory / "config.json").read_text())
         vision = config.get("vision_config", {})
         preprocessing = Preprocessing.from_checkpoint(directory, default_size=vision.get("image_size", 384))
+        tokenizer = checkpoint_tokenizer(directory)
+        check_placeholders(str(directory), LlavaOnevisionConfig.from_dict(config), tokenizer)
         try:
             model = LlavaOnevisionForConditionalGeneration.from_pretrained(
                 directory, dtype=torch.float32, attn_implementation="sdpa", local_files_only=True)
         except (OSError, ValueError) as exc:
             raise InputError(f"{directory}: cannot load the checkpoint ({' '.join(str(exc).split())[:200]}); "
                              "pass a complete LLaVA-OneVision checkpoint directory") from exc
-        return cls(str(directory), model, preprocessing, checkpoint_tokenizer(directory))
+        return cls(str(directory), model, preprocessing, tokenizer)
 
     # ---- graphs -----------------------------------------------------------------------------------------------
     def vision_aot(self, cfg: AOTConfig) -> VisionAOT:

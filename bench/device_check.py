@@ -1,0 +1,93 @@
+"""The device runtime against the reference chain, across two Python environments (CI, `.ci/run`).
+
+    python bench/device_check.py reference --export EXPORT --llm LLM --video V --out ref.json   # the full install
+    python bench/device_check.py device --bundle BUNDLE --video V --reference ref.json            # runtime-only venv
+
+`reference`: the reference pipeline (`runtime.pipeline.Pipeline`: the export on ONNX Runtime, the prompt
+assembled and embedded through the Hugging Face model, the same int4 ONNX LLM) → greedy tokens and the first
+token's logits. `device`: the bundle on `runtime.device` → the same; exit 1 unless the greedy tokens are equal,
+the first-token KL(reference ‖ device) ≤ 1e-5, and no torch / transformers / onnx / onnxscript module was loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+
+PROMPT = "What is happening in this video?"
+TOKENS = 16
+KL_GATE = 1e-5
+FORBIDDEN = ("torch", "transformers", "onnx", "onnxscript")
+
+
+def kl_divergence(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
+    """KL(p ‖ q) of two logit vectors (runtime.chain.kl_divergence, which needs the reference stack)."""
+    def log_softmax(x):
+        x = x.astype(np.float64) - x.max()
+        return x - np.log(np.exp(x).sum())
+    lp, lq = log_softmax(p_logits), log_softmax(q_logits)
+    return float(np.sum(np.exp(lp) * (lp - lq)))
+
+
+def reference(args) -> int:
+    from aot_export.preprocess import preprocess_frames
+    from aot_export.video import decode_frames
+    from runtime.pipeline import Pipeline
+    from runtime.prompt import assemble
+
+    with Pipeline(args.export, llm=args.llm) as pipeline:
+        pixels = preprocess_frames(decode_frames(args.video, pipeline.frames), pipeline.preprocessing)
+        inputs = assemble(pipeline.adapter, PROMPT, pipeline.visual_tokens(pixels))
+        generation = pipeline.llm.generate(inputs.embeds, TOKENS, eos=pipeline.eos)
+    payload = {"tokens": generation.tokens, "first_logits": generation.step_logits[0].tolist(),
+               "prompt_tokens": inputs.length}
+    with open(args.out, "w") as handle:
+        json.dump(payload, handle)
+    print(f"reference: {len(generation.tokens)} tokens, prompt {inputs.length} positions -> {args.out}")
+    return 0
+
+
+def device(args) -> int:
+    from aot_export.preprocess import preprocess_frames
+    from aot_export.video import decode_frames
+    from runtime.device.pipeline import DevicePipeline
+
+    start = time.perf_counter()
+    with DevicePipeline(args.bundle) as pipeline:
+        pixels = preprocess_frames(decode_frames(args.video, pipeline.frames), pipeline.preprocessing)
+        visual = pipeline.vision.run(pixels)["tokens"]
+        embeds, _ = pipeline.text.assemble(pipeline.text.prompt_ids(PROMPT), visual)
+        generation = pipeline.generate(embeds, TOKENS)
+    seconds = time.perf_counter() - start
+    ref = json.loads(open(args.reference).read())
+    kl = kl_divergence(np.asarray(ref["first_logits"]), generation.step_logits[0])
+    loaded = sorted({m.split(".")[0] for m in sys.modules} & set(FORBIDDEN))
+    checks = {"greedy tokens equal": generation.tokens == ref["tokens"], f"first-token KL ≤ {KL_GATE:g}": kl <= KL_GATE,
+              "prompt length equal": embeds.shape[1] == ref["prompt_tokens"], "no torch/transformers/onnx": not loaded}
+    print(json.dumps({"tokens": generation.tokens, "reference_tokens": ref["tokens"], "first_token_kl": kl,
+                      "forbidden_modules_loaded": loaded, "seconds": seconds, "checks": checks}, indent=2))
+    return 0 if all(checks.values()) else 1
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="side", required=True)
+    ref = sub.add_parser("reference")
+    ref.add_argument("--export", required=True)
+    ref.add_argument("--llm", required=True)
+    ref.add_argument("--video", required=True)
+    ref.add_argument("--out", required=True)
+    dev = sub.add_parser("device")
+    dev.add_argument("--bundle", required=True)
+    dev.add_argument("--video", required=True)
+    dev.add_argument("--reference", required=True)
+    args = parser.parse_args()
+    return reference(args) if args.side == "reference" else device(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

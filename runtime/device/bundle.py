@@ -1,0 +1,119 @@
+"""A bundle directory (`aot-export bundle`): everything the device runtime needs, each file hashed in
+`bundle.json`, read and verified here before anything heavy loads.
+
+Layout: `vision/` (the export directory, or the engine directory with the export's manifest recorded in
+bundle.json), `llm/` (the int4 ONNX decoder with its llm.json and genai_config.json), `text/tokenizer.json`,
+`text/embeddings.npy` (the LLM's input table [V, H]), `text/image_newline.npy` [H], `bundle.json`.
+
+Refused, each with one line naming the problem and the fix (`InputError`, exit 2): a file listed in bundle.json
+that is missing or whose sha256 differs; parts whose model config hash differs from the bundle's (vision manifest
+or engine sidecar, llm.json) or whose width differs from the LLM's; an engine whose sidecar does not name the
+bundle's export graph; a runtime dependency the bundle needs that is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aot_export.artifacts import sha256_file
+from aot_export.errors import InputError
+from aot_export.manifest import Manifest
+
+BUNDLE = "bundle.json"
+BUNDLE_SCHEMA = 1
+VISION_DIR, LLM_DIR = "vision", "llm"
+TOKENIZER, EMBEDDINGS, NEWLINE = "text/tokenizer.json", "text/embeddings.npy", "text/image_newline.npy"
+REFUSED_ON = {
+    "files": "a listed file missing, or its sha256 differs from bundle.json",
+    "model": "vision manifest / engine sidecar or llm.json from a model whose config hash differs from the bundle's",
+    "engine": "an engine sidecar that does not record the bundle's export graph, AOT config and model config",
+    "runtime": "a dependency of this bundle missing here (onnxruntime, tokenizers; tensorrt for an engine bundle)",
+}
+# The Python module each vision flavour needs (engines.flavours; named here so the check needs no import of it).
+VISION_MODULES = {"onnxruntime": "onnxruntime", "tensorrt": "tensorrt", "tensorrt_rtx": "tensorrt_rtx"}
+
+
+@dataclass(frozen=True)
+class Bundle:
+    directory: Path
+    data: dict[str, Any]
+
+    @property
+    def export_manifest(self) -> Manifest:
+        return Manifest.from_dict(self.data["export_manifest"])
+
+    @property
+    def vision_kind(self) -> str:
+        return self.data["vision"]["kind"]
+
+    def path(self, name: str) -> Path:
+        return self.directory / name
+
+
+def is_bundle(path: str | os.PathLike) -> bool:
+    return (Path(path) / BUNDLE).is_file()
+
+
+def read_bundle(directory: str | os.PathLike, verify: bool = True) -> Bundle:
+    directory = Path(directory)
+    path = directory / BUNDLE
+    if not path.is_file():
+        raise InputError(f"{directory}: no {BUNDLE}; this is not a bundle (make one with `aot-export bundle`)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}: unreadable ({exc.msg}); rebuild the bundle with `aot-export bundle`") from exc
+    if data.get("schema_version") != BUNDLE_SCHEMA:
+        raise InputError(f"{path}: schema_version {data.get('schema_version')!r} is not {BUNDLE_SCHEMA}; rebuild "
+                         "the bundle with this version of aot-export")
+    bundle = Bundle(directory, data)
+    check_runtime(bundle)
+    if verify:
+        check_files(bundle)
+    check_model(bundle)
+    return bundle
+
+
+def check_runtime(bundle: Bundle) -> None:
+    needed = {"onnxruntime": "onnxruntime (onnxruntime-gpu on Jetson)", "tokenizers": "tokenizers"}
+    flavour = bundle.data["vision"]["flavour"]
+    needed[VISION_MODULES[flavour]] = {"tensorrt": "TensorRT (JetPack's python3-libnvinfer, or the tensorrt wheel)",
+                                       "tensorrt_rtx": "tensorrt-rtx-cu12"}.get(flavour, flavour)
+    for module, package in needed.items():
+        if importlib.util.find_spec(module) is None:
+            raise InputError(f"{bundle.directory}: this bundle needs {module} (its {bundle.vision_kind} runs on "
+                             f"{flavour}), which is not installed; install {package}, or bundle the export "
+                             "instead of an engine")
+
+
+def check_files(bundle: Bundle) -> None:
+    for name, digest in bundle.data["files"].items():
+        file = bundle.path(name)
+        if not file.is_file():
+            raise InputError(f"{bundle.directory}: {name} is missing; restore it or rebuild the bundle with "
+                             "`aot-export bundle`")
+        if sha256_file(file) != digest:
+            raise InputError(f"{bundle.directory}: {name} was altered (sha256 differs from bundle.json); restore it "
+                             "or rebuild the bundle with `aot-export bundle`")
+
+
+def check_model(bundle: Bundle) -> None:
+    """Every part names the bundle's model (config hash) — whatever bundle.json's own hashes say."""
+    model = bundle.data["model"]
+    vision_dir = bundle.path(VISION_DIR)
+    if bundle.vision_kind == "engine":
+        parts = {"vision/engine.json": json.loads((vision_dir / "engine.json").read_text())["manifest"]["model"]}
+    else:
+        parts = {"vision/manifest.json": json.loads((vision_dir / "manifest.json").read_text())["model"]}
+    parts["llm/llm.json"] = json.loads(bundle.path(f"{LLM_DIR}/llm.json").read_text())
+    parts["bundle.json export_manifest"] = bundle.data["export_manifest"]["model"]
+    for name, part in parts.items():
+        if part.get("config_hash") != model["config_hash"]:
+            raise InputError(f"{bundle.directory}: {name} is from model {part.get('model_id')} (config "
+                             f"{part.get('config_hash')}), not the bundle's {model['model_id']} (config "
+                             f"{model['config_hash']}); rebuild the bundle from one model's export and LLM")

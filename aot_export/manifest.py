@@ -148,10 +148,12 @@ def consistency_findings(manifest: Manifest, data: dict[str, Any]) -> list[str]:
     if "retention" in data and not (isinstance(data["retention"], (int, float))
                                     and abs(data["retention"] - cfg.retention) < 1e-9):
         findings.append(f"manifest retention is {data['retention']!r} but its aot config gives {cfg.retention!r}")
+    # A tower with a temporal patch (Qwen2.5-VL: 2) takes that many video frames per AOT frame.
+    video_frames = cfg.frames * int(manifest.model.get("temporal_patch", 1))
     for spec in manifest.inputs:
-        if not spec.shape or spec.shape[0] != cfg.frames:
+        if not spec.shape or spec.shape[0] != video_frames:
             findings.append(f"input {spec.name} shape {list(spec.shape)} does not start with the config's "
-                            f"{cfg.frames} frames")
+                            f"{video_frames} video frames")
     for spec in manifest.outputs:
         if not spec.shape or spec.shape[0] != cfg.output_tokens:
             findings.append(f"output {spec.name} shape {list(spec.shape)} does not start with the config's "

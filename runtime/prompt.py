@@ -28,13 +28,8 @@ class PromptInputs:
 USER_TEXT = "\ue000user text\ue000"
 
 
-def context_length(adapter) -> int:
-    """The LLM's context window in tokens (its config's max_position_embeddings)."""
-    return int(adapter.model.config.text_config.max_position_embeddings)
-
-
 def refuse_overlong(adapter, length: int, what: str) -> None:
-    limit = context_length(adapter)
+    limit = adapter.context_length
     if length > limit:
         raise InputError(f"{what} is {length} tokens, over the model's context of {limit}; shorten the prompt"
                          " (or export fewer frames / a lower retention)")
@@ -51,7 +46,7 @@ def chat_ids(adapter, prompt: str) -> list[int]:
                          "tokenizer and chat_template files to its directory")
     # A prompt longer in characters than the context is in tokens cannot fit (a token is at least one character
     # of text here); refusing it before tokenizing keeps a pasted book from costing seconds.
-    if len(prompt) > 16 * context_length(adapter):
+    if len(prompt) > 16 * adapter.context_length:
         refuse_overlong(adapter, len(prompt), "the prompt (in characters)")
     messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": USER_TEXT}]}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

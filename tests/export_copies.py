@@ -13,7 +13,7 @@ import onnx
 from onnx import numpy_helper
 
 from aot_export.artifacts import sha256_file
-from aot_export.manifest import GRAPH, MANIFEST, WEIGHTS
+from aot_export.manifest import GRAPH, MANIFEST, WEIGHTS, Manifest
 
 
 def edited_export(source: Path, dest: Path, manifest: Callable[[dict], None] | None = None,
@@ -33,5 +33,7 @@ def edited_export(source: Path, dest: Path, manifest: Callable[[dict], None] | N
     data["files"] = {name: sha256_file(dest / name) for name in data["files"]}
     if manifest is not None:
         manifest(data)
-    (dest / MANIFEST).write_text(json.dumps(data))
+    # Written as `export` writes it: derived fields (aot_hash, token counts) and file sizes follow the edits.
+    (dest / MANIFEST).unlink()
+    Manifest.from_dict(data).write(dest)
     return dest

@@ -366,13 +366,14 @@ def test_check_reports_tampering_and_edited_counts_as_findings(tiny_export, tmp_
 # ---- 5. a failed calibration is refused downstream ------------------------------------------------------------------
 def failed_calibration(tiny_export, tmp_path) -> Path:
     """A copy of the export whose manifest records what `calibrate` writes when a gate fails."""
-    from calibration.calibrate import GATES
     import dataclasses
+
+    from aot_export.fidelity import VISION_GATES
 
     copy = Path(shutil.copytree(tiny_export, tmp_path / "failed"))
     manifest = read_manifest(copy)
     holdout = {"name": "bikes.mp4", "metrics": {"matched_cosine_min": 0.9, "anchor_agreement": 0.5},
-               "gates": dataclasses.asdict(GATES), "passed": False}
+               "gates": VISION_GATES["int8"].to_dict(), "passed": False}
     dataclasses.replace(manifest, extra={"calibration": {"holdout": holdout}}).write(copy)
     return copy
 
@@ -403,9 +404,9 @@ def test_user_text_cannot_inject_special_tokens(tiny):
 
 
 def test_a_prompt_longer_than_the_context_is_refused_with_the_limit(tiny):
-    from runtime.prompt import chat_ids, context_length
+    from runtime.prompt import chat_ids
 
-    limit = context_length(tiny)
+    limit = tiny.context_length
     assert limit == 8192
     with pytest.raises(InputError, match="over the model's context of 8192"):
         chat_ids(tiny, "word " * 65000)

@@ -155,6 +155,11 @@ class ModelAdapter(ABC):
         that wraps the video in text tokens instead and places it by 3-D positions (runtime/positions.py)."""
 
     @property
+    @abstractmethod
+    def context_length(self) -> int:
+        """The LLM's context window in tokens (prompts longer than this are refused)."""
+
+    @property
     def video_layout(self) -> VideoLayout | None:
         """The prompt layout of a family with 3-D positions (runtime/positions.py); None (LLaVA-OneVision): visual
         tokens go in one run at the placeholder, closed by `image_newline`, with 1-D positions."""

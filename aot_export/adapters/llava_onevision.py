@@ -270,6 +270,10 @@ class LlavaOnevisionAdapter(ModelAdapter):
         return self._tokenizer
 
     @property
+    def context_length(self) -> int:
+        return int(self.model.config.text_config.max_position_embeddings)
+
+    @property
     def video_token_id(self) -> int:
         return self.model.config.video_token_index
 

@@ -231,6 +231,10 @@ class MergedGridAdapter(ModelAdapter):
 
     # ---- language side (runtime) -----------------------------------------------------------------------------------
     @property
+    def context_length(self) -> int:
+        return int(self.model.config.text_config.max_position_embeddings)
+
+    @property
     def video_token_id(self) -> int:
         return self.model.config.video_token_id
 

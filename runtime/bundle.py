@@ -86,9 +86,15 @@ def write_bundle(model: str | os.PathLike, llm: str | os.PathLike, out: str | os
         for name in names:
             shutil.copy2(Path(model) / name, vision / name)
         (staging / LLM_DIR).mkdir()
-        for name in [LLM_MANIFEST, GENAI_CONFIG, *llm_manifest["files"]]:
-            if name.endswith(".onnx") or name.endswith(".data") or name in (LLM_MANIFEST, GENAI_CONFIG):
-                shutil.copy2(llm / name, staging / LLM_DIR / name)
+        # The decoder's own files only (the tokenizer travels as text/tokenizer.json); the bundle's llm.json names
+        # just those, with the sizes and hashes the LLM directory recorded, so the decoder verifies what is there.
+        decoder_files = [name for name in llm_manifest["files"]
+                         if name.endswith((".onnx", ".data")) or name == GENAI_CONFIG]
+        for name in dict.fromkeys([GENAI_CONFIG, *decoder_files]):
+            shutil.copy2(llm / name, staging / LLM_DIR / name)
+        kept = {**llm_manifest, "files": {n: llm_manifest["files"][n] for n in decoder_files},
+                "sizes": {n: s for n, s in llm_manifest.get("sizes", {}).items() if n in decoder_files}}
+        (staging / LLM_DIR / LLM_MANIFEST).write_text(json.dumps(kept, indent=2, sort_keys=True) + "\n")
         (staging / "text").mkdir()
         tokenizer.backend_tokenizer.save(str(staging / TOKENIZER))
         np.save(staging / EMBEDDINGS, table.astype(EMBEDDING_DTYPES[embeddings]))

@@ -344,7 +344,7 @@ def test_check_reports_tampering_and_edited_counts_as_findings(tiny_export, tmp_
     (edited / MANIFEST).write_text(json.dumps(manifest))
     assert main(["check", str(edited), "--no-tensorrt"]) == EXIT_FAILED
     out = capsys.readouterr().out
-    assert "output_tokens" in out and "does not start with the config's 8 frames" in out
+    assert "output_tokens" in out and "does not start with the config's 8 video frames" in out
     with pytest.raises(InputError, match="output_tokens"):
         read_manifest(edited)                                # validate / build / run refuse it on load
 

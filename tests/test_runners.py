@@ -14,7 +14,7 @@ from polygraphy.backend.base import BaseRunner
 from conftest import TINY_CFG
 from aot_export.errors import InputError
 from aot_export.fidelity import VISION_GATES, compare_outputs, gate_checks
-from aot_export.manifest import read_manifest
+from aot_export.manifest import Manifest, read_manifest
 from aot_export.reference_runner import TorchReferenceRunner
 from aot_export.runners import OnnxRuntimeRunner
 from aot_export.video import synthesize_clip
@@ -131,7 +131,7 @@ def test_run_and_validate_check_an_engine_against_the_export_beside_it(engine_di
     manifest = json.loads((beside / "manifest.json").read_text())
     saved = json.dumps(manifest)
     manifest["aot"]["sigma_t"] = 2.0
-    (beside / "manifest.json").write_text(json.dumps(manifest))
+    Manifest.from_dict(manifest).write(beside)             # a consistent export of another AOT config
     try:
         run = ["run", "--model", str(engine_dir), "--video", str(clip), "--prompt", "What?", "--llm", "transformers"]
         assert main(run) == EXIT_BAD_INPUT

@@ -12,7 +12,6 @@ merged token.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +22,10 @@ from torch import Tensor, nn
 from ..config import AOTConfig
 from ..errors import InputError
 from ..preprocess import Preprocessing
-from .llava_onevision import checkpoint_tokenizer, tiny_tokenizer
+from .llava_onevision import tiny_tokenizer
 from .base import VideoLayout
-from .merged_grid import (MergedGridAdapter, MergedGridVisionAOT, StaticGrid, attention_weights, build_random,
-                          load_pretrained, merged_scores, patchify, received_from_weights, static_preprocessing)
+from .merged_grid import (MergedGridAdapter, MergedGridVisionAOT, StaticGrid, attention_weights, merged_scores,
+                          patchify, received_from_weights)
 
 SHALLOW_LAYER = 5
 DEEP_LAYER = -2
@@ -130,6 +129,12 @@ class PostNormProjector(nn.Module):
 
 class Cosmos3EdgeAdapter(MergedGridAdapter):
     model_type = "cosmos3_edge"
+    family = "Cosmos3-Edge"
+    hf_model = "Cosmos3EdgeForConditionalGeneration"
+    hf_config = "Cosmos3EdgeConfig"
+    default_preprocessing = COSMOS_PREPROCESSING
+    special_tokens = SPECIAL_TOKENS
+    chat_template = CHAT_TEMPLATE
     channels_last = True            # a linear patch embedding
 
     def __init__(self, model_id: str, model: nn.Module, preprocessing: Preprocessing, tokenizer: Any = None):
@@ -144,27 +149,8 @@ class Cosmos3EdgeAdapter(MergedGridAdapter):
                          preprocessing, tokenizer)
 
     @staticmethod
-    def block_px(vision: Any) -> int:
+    def size_factor(vision: Any) -> int:
         return vision.patch_size * vision.spatial_merge_size
-
-    # ---- loading ----------------------------------------------------------------------------------------------
-    @classmethod
-    def build(cls, model_id: str, config: Any, preprocessing: Preprocessing, seed: int = 0) -> "Cosmos3EdgeAdapter":
-        from transformers import Cosmos3EdgeForConditionalGeneration
-
-        static_preprocessing(None, model_id, preprocessing.size, cls.block_px(config.vision_config), preprocessing)
-        return cls(model_id, build_random(Cosmos3EdgeForConditionalGeneration, config, seed), preprocessing,
-                   tiny_tokenizer(special_tokens=SPECIAL_TOKENS, chat_template=CHAT_TEMPLATE))
-
-    @classmethod
-    def from_checkpoint(cls, directory: Path) -> "Cosmos3EdgeAdapter":
-        from transformers import Cosmos3EdgeConfig, Cosmos3EdgeForConditionalGeneration
-
-        config = Cosmos3EdgeConfig(**json.loads((directory / "config.json").read_text()))
-        preprocessing = static_preprocessing(directory, str(directory), DEFAULT_SIZE,
-                                             cls.block_px(config.vision_config), COSMOS_PREPROCESSING)
-        model = load_pretrained(Cosmos3EdgeForConditionalGeneration, directory, "Cosmos3-Edge")
-        return cls(str(directory), model, preprocessing, checkpoint_tokenizer(directory))
 
     # ---- graphs -----------------------------------------------------------------------------------------------
     def vision_aot(self, cfg: AOTConfig) -> MergedGridVisionAOT:

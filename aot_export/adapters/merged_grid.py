@@ -22,6 +22,7 @@ from ..errors import InputError
 from ..preprocess import PROCESSOR_FILES, RESAMPLE_NAMES, Preprocessing
 from ..reducer import AOTReducer
 from .base import ModelAdapter, ModelInfo, config_hash
+from .llava_onevision import checkpoint_tokenizer, tiny_tokenizer
 
 # No pooling after the merger: average pooling with a 1×1 window is the identity on the merged grid.
 MERGED_GRID_POOLING = {"pool": 1, "pool_mode": "average"}
@@ -184,6 +185,37 @@ class MergedGridAdapter(ModelAdapter):
     channels_last: ClassVar[bool]
     """How the processor flattens a patch: (channel, time, row, col) for a Conv3d embedding, or channel-last for
     a linear one (see `patchify`)."""
+    family: ClassVar[str]                        # the name users know, for messages ("Qwen2.5-VL")
+    hf_model: ClassVar[str]                      # transformers' `…ForConditionalGeneration` class name
+    hf_config: ClassVar[str]                     # transformers' config class name
+    default_preprocessing: ClassVar[Preprocessing]   # the processor's, at the family's default export size
+    special_tokens: ClassVar[tuple[str, ...]]    # of the built-in tiny tokenizer
+    chat_template: ClassVar[str]
+
+    @staticmethod
+    @abstractmethod
+    def size_factor(vision: Any) -> int:
+        """Pixels a frame's side must be a multiple of, for the static grid (whole windows or merge blocks)."""
+
+    # ---- loading ----------------------------------------------------------------------------------------------
+    @classmethod
+    def build(cls, model_id: str, config: Any, preprocessing: Preprocessing, seed: int = 0) -> "MergedGridAdapter":
+        """The architecture from `config` with seeded random weights and a tiny tokenizer (nothing downloaded)."""
+        import transformers
+
+        static_preprocessing(None, model_id, preprocessing.size, cls.size_factor(config.vision_config), preprocessing)
+        return cls(model_id, build_random(getattr(transformers, cls.hf_model), config, seed), preprocessing,
+                   tiny_tokenizer(special_tokens=cls.special_tokens, chat_template=cls.chat_template))
+
+    @classmethod
+    def from_checkpoint(cls, directory: Path) -> "MergedGridAdapter":
+        import transformers
+
+        config = getattr(transformers, cls.hf_config)(**json.loads((directory / "config.json").read_text()))
+        preprocessing = static_preprocessing(directory, str(directory), cls.default_preprocessing.size,
+                                             cls.size_factor(config.vision_config), cls.default_preprocessing)
+        model = load_pretrained(getattr(transformers, cls.hf_model), directory, cls.family)
+        return cls(str(directory), model, preprocessing, checkpoint_tokenizer(directory))
 
     def __init__(self, model_id: str, model: nn.Module, grid: StaticGrid, preprocessing: Preprocessing,
                  tokenizer: Any = None):

@@ -13,7 +13,6 @@ into each merged token.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +23,10 @@ from torch import Tensor, nn
 from ..config import AOTConfig
 from ..errors import InputError
 from ..preprocess import Preprocessing
-from .llava_onevision import checkpoint_tokenizer, tiny_tokenizer
+from .llava_onevision import tiny_tokenizer
 from .base import VideoLayout
-from .merged_grid import (MergedGridAdapter, MergedGridVisionAOT, StaticGrid, attention_weights, build_random,
-                          load_pretrained, merged_scores, patchify, received_from_weights, static_preprocessing)
+from .merged_grid import (MergedGridAdapter, MergedGridVisionAOT, StaticGrid, attention_weights, merged_scores,
+                          patchify, received_from_weights)
 
 # Fixed input of an export: 448 px gives a 16×16 merged grid (4×4 windows of 112 px) per temporal patch.
 DEFAULT_SIZE = 448
@@ -182,6 +181,12 @@ class MergerProjector(nn.Module):
 
 class Qwen2_5_VLAdapter(MergedGridAdapter):
     model_type = "qwen2_5_vl"
+    family = "Qwen2.5-VL"
+    hf_model = "Qwen2_5_VLForConditionalGeneration"
+    hf_config = "Qwen2_5_VLConfig"
+    default_preprocessing = QWEN_PREPROCESSING
+    special_tokens = SPECIAL_TOKENS
+    chat_template = CHAT_TEMPLATE
     channels_last = False           # a Conv3d patch embedding
 
     def __init__(self, model_id: str, model: nn.Module, preprocessing: Preprocessing, tokenizer: Any = None):
@@ -201,28 +206,9 @@ class Qwen2_5_VLAdapter(MergedGridAdapter):
         return full[0], full[-1]
 
     @staticmethod
-    def window_px(vision: Any) -> int:
+    def size_factor(vision: Any) -> int:
         """Frames must tile into whole attention windows (and so into whole merge blocks)."""
         return vision.window_size
-
-    # ---- loading ----------------------------------------------------------------------------------------------
-    @classmethod
-    def build(cls, model_id: str, config: Any, preprocessing: Preprocessing, seed: int = 0) -> "Qwen2_5_VLAdapter":
-        from transformers import Qwen2_5_VLForConditionalGeneration
-
-        static_preprocessing(None, model_id, preprocessing.size, cls.window_px(config.vision_config), preprocessing)
-        return cls(model_id, build_random(Qwen2_5_VLForConditionalGeneration, config, seed), preprocessing,
-                   tiny_tokenizer(special_tokens=SPECIAL_TOKENS, chat_template=CHAT_TEMPLATE))
-
-    @classmethod
-    def from_checkpoint(cls, directory: Path) -> "Qwen2_5_VLAdapter":
-        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-        config = Qwen2_5_VLConfig(**json.loads((directory / "config.json").read_text()))
-        preprocessing = static_preprocessing(directory, str(directory), DEFAULT_SIZE,
-                                             cls.window_px(config.vision_config), QWEN_PREPROCESSING)
-        model = load_pretrained(Qwen2_5_VLForConditionalGeneration, directory, "Qwen2.5-VL")
-        return cls(str(directory), model, preprocessing, checkpoint_tokenizer(directory))
 
     # ---- graphs -----------------------------------------------------------------------------------------------
     def vision_aot(self, cfg: AOTConfig) -> MergedGridVisionAOT:

@@ -37,7 +37,7 @@ from aot_export.artifacts import atomic_file
 from aot_export.config import AOTConfig
 from aot_export.preprocess import preprocess_frames
 from aot_export.progress import Stages
-from aot_export.reducer import (fixed_sinkhorn, gather_rows, grid_positions, inter_frame_cost, intra_frame_transport,
+from aot_export.reducer import (config_sinkhorn, gather_rows, grid_positions, inter_frame_cost, intra_frame_transport,
                                 mask_indices, merge_into_anchors, pool_retained, pooling_matrix, retained_cells,
                                 select_anchors, top_k_raster, window_table, Transport)
 
@@ -128,7 +128,7 @@ def trace_reduction(cfg: AOTConfig, features: Tensor, score_shallow: Tensor, sco
     cells = retained_cells(cfg, pooled_mask, pooled_deep)                                     # [T, A]
     anchor_idx = mask_indices(anchor_mask, int(counts[0]))
     tcfg = transport_cfg or cfg
-    transport = intra_frame_transport(tcfg, features, anchor_idx, positions, fixed_sinkhorn(tcfg))
+    transport = intra_frame_transport(tcfg, features, anchor_idx, positions, config_sinkhorn(tcfg))
     pool_rows = pooling[cells]                                                                # [T, A, N]
     retained = pool_retained(features, transport, pool_rows)                                  # [T, A, H]
     frame_ids = torch.arange(frames).unsqueeze(-1).expand_as(cells)
@@ -148,14 +148,14 @@ def trace_reduction(cfg: AOTConfig, features: Tensor, score_shallow: Tensor, sco
     # The updated anchors as a linear map of the clip's kept-cell tokens: [C, A (anchor), L, A (cell)].
     coefficients = torch.zeros(clips, a, length, a)
     coefficients[:, :, 0] = torch.eye(a)
-    sinkhorn = fixed_sinkhorn(cfg)
+    sinkhorn = config_sinkhorn(cfg)
     kept_positions, distinct, merged = [], torch.zeros(clips, length, a), torch.zeros(clips, length, a)
     absorbed_mass = torch.zeros(clips, a)
     for offset in range(1, length):                       # as `inter_frame_transport`, recording what it decides
         sources = clip_tokens[:, offset]
         cost = inter_frame_cost(cfg, sources, anchors, offset)
         uniform = torch.full_like(cost[:, :, 0], -math.log(a))
-        plan = sinkhorn(cost, uniform, uniform)
+        plan = sinkhorn(cost, uniform, uniform, joint=False)
         assignment = plan / plan.sum(-1, keepdim=True)
         confidence = assignment.amax(-1)
         keep_mask = torch.ones_like(confidence)

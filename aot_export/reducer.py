@@ -153,13 +153,14 @@ def stopping_sinkhorn(cost: Tensor, log_mu: Tensor, log_nu: Tensor, eps: float, 
     dims = (0, 2) if joint else (2,)
     # The authors' r has only the M source rows. Rows without mass start at 0, where every iteration leaves them,
     # so |r - r_prev| summed over all rows is their sum over the source rows.
-    per_source = 1.0 / sources.sum(dims, keepdim=True).clamp_min(1.0)
+    # mean < tol  <=>  sum < tol · (number of source rows): one comparison per iteration.
+    threshold = tol * sources.sum(dims, keepdim=True)
     r, c = sources, torch.ones_like(nu)
-    running = torch.ones_like(per_source, dtype=torch.bool)                      # [1, 1, 1] or [B, 1, 1]
+    running = torch.ones_like(threshold, dtype=torch.bool)                       # [1, 1, 1] or [B, 1, 1]
     for _ in range(max_iters):
         new_r = mu / (c @ kernel_t)
         new_c = nu / (new_r @ kernel)
-        converged = (new_r - r).abs().sum(dims, keepdim=True) * per_source < tol
+        converged = torch.linalg.vector_norm(new_r - r, ord=1, dim=dims, keepdim=True) < threshold
         r = torch.where(running, new_r, r)
         c = torch.where(running, new_c, c)
         running = running & ~converged

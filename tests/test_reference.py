@@ -208,12 +208,31 @@ def test_static_tracks_reference_on_real_footage(shared_videos):
             tokens, index = reducer(*inputs)
             mask, cells = reducer.select(*inputs[1:])
             report = agreement(cfg, tokens, index, mask, cells, reference_aot(cfg, *inputs))
-        # Anchors: the same rule. Cells: top-A vs >= 0.5 differ in most frames by a cell or two, so the token
-        # sets overlap by ~0.9 and an updated anchor, which absorbs whatever its clip merged, may differ a lot;
-        # every token that was not merged must match up to the Sinkhorn stopping rule (which stops some of
-        # bikes' frames after 2 iterations: intra-frame anchors then differ by up to 1 - 0.9968 in cosine,
-        # docs/benchmarks.md "Sinkhorn iterations").
+        # Anchors: the same rule at V = 126. Cells: top-A vs >= 0.5 differ in most frames by a cell or two, so the
+        # token sets overlap by 0.85-0.93 and an updated anchor, which absorbs whatever its clip merged, may differ
+        # a lot; a keyframe or distinct token that both chose differs only by the Sinkhorn (docs/benchmarks.md,
+        # "Static vs reference agreement").
         assert report["anchor_jaccard"] == 1.0, (video.name, report)
         assert report["token_set_jaccard"] >= 0.8, (video.name, report)
-        assert report["matched_cosine_min_keyframe"] >= 0.995, (video.name, report)
-        assert report["matched_cosine_min_distinct"] >= 0.995, (video.name, report)
+        assert report["matched_cosine_min_keyframe"] >= 0.9999, (video.name, report)
+        assert report["matched_cosine_min_distinct"] >= 0.9999, (video.name, report)
+
+
+@pytest.mark.heavy
+def test_reference_solver_reproduces_the_authors_stopping_on_real_footage(shared_videos):
+    """With the cell, distinct-token and anchor-count rules set to the static ones, the only rule left is the
+    stopping: the fp32 unrolled solver must give the float64 loop's output, position by position (measured: max
+    relative error 8e-6; the fixed solver's is 0.36 on bigbuckbunny, 0.83 on bikes)."""
+    from runtime.patch_features import patch_features
+    from runtime.video import decode_frames
+
+    cfg = AOTConfig(sinkhorn="reference")
+    for video in shared_videos:
+        inputs = patch_features(decode_frames(video, cfg.frames, size=384), cfg.grid, 14, 896)
+        with torch.inference_mode():
+            tokens, index = AOTReducer(cfg)(*inputs)
+            target = reference_aot(cfg, *inputs, rules=Rules(global_count=False, cell_threshold=False,
+                                                             distinct_quantile=False))
+        assert torch.equal(index.long(), target.index), video.name
+        relative = (tokens.double() - target.tokens).norm(dim=-1) / target.tokens.norm(dim=-1)
+        assert relative.max() < 1e-4, (video.name, float(relative.max()))

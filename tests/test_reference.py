@@ -81,8 +81,9 @@ def massless_row_problem():
     return -0.1 * kernel.log(), mu, nu
 
 
+@pytest.mark.parametrize("layout", ["rows", "columns"])
 @pytest.mark.parametrize("joint", [True, False])
-def test_mean_is_over_source_rows_only(joint):
+def test_mean_is_over_source_rows_only(joint, layout):
     cost, mu, nu = massless_row_problem()
     want = torch.tensor([[[0.375, 1 / 6], [0.125, 1 / 3], [0.0, 0.0]]], dtype=torch.float64)
     plan, ran = early_stopping_sinkhorn(cost, mu, nu, eps=0.1, tol=1e-2, joint=joint)
@@ -90,14 +91,15 @@ def test_mean_is_over_source_rows_only(joint):
     torch.testing.assert_close(plan, want, rtol=1e-12, atol=0)
     log_mu = torch.where(mu > 0, mu.log(), torch.full_like(mu, NO_MASS))
     for cap in (1, 5):        # the static solver: frozen after iteration 1, whatever it unrolls
-        static = stopping_sinkhorn(cost.float(), log_mu.float(), nu.log().float(), 0.1, 1e-2, cap, joint)
+        static = stopping_sinkhorn(cost.float(), log_mu.float(), nu.log().float(), 0.1, 1e-2, cap, joint, layout)
         torch.testing.assert_close(static.double(), want, rtol=1e-6, atol=1e-7)
     assert (early_stopping_sinkhorn(cost, mu, nu, eps=0.1, tol=0.0, max_iters=2)[0] - want).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("layout", ["rows", "columns"])
 @pytest.mark.parametrize("joint", [True, False])
 @pytest.mark.parametrize("max_iters", [3, 100])
-def test_static_solver_follows_the_rule(joint, max_iters):
+def test_static_solver_follows_the_rule(joint, max_iters, layout):
     """The unrolled fp32 solver with its `running` flag against the float64 loop that breaks; the problems of the
     batch converge at different speeds, so the flag has to freeze some while others run."""
     cost, mu, nu = constant_then_slow(4)
@@ -106,7 +108,7 @@ def test_static_solver_follows_the_rule(joint, max_iters):
     want, ran = early_stopping_sinkhorn(cost, mu, nu, eps=0.1, tol=1e-3, max_iters=max_iters, joint=joint)
     if not joint and max_iters == 100:
         assert len(set(ran.tolist())) >= 3
-    got = stopping_sinkhorn(cost.float(), mu.log().float(), nu.log().float(), 0.1, 1e-3, max_iters, joint)
+    got = stopping_sinkhorn(cost.float(), mu.log().float(), nu.log().float(), 0.1, 1e-3, max_iters, joint, layout)
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-8)
 
 

@@ -3,7 +3,10 @@
 Pure numpy float64 with explicit Python loops (clarity over speed). Meant only for
 small shapes in tests, as an oracle for the vectorised implementation.
 Follows /work/shared/AOT_SPEC.md sections 1-4 with the conventions fixed in the
-test brief (plain-domain Sinkhorn, exact-V anchors, static A-cell selection).
+test brief (plain-domain Sinkhorn, exact-V anchors, static A-cell selection). The Sinkhorn
+runs cfg.sinkhorn_iters iterations, or, for cfg.sinkhorn == "reference", stops by the
+authors' rule: all frames' intra-frame problems as one call stopped together, each
+inter-frame step on its own.
 
 Importing this module has no side effects.
 """
@@ -32,37 +35,66 @@ def _cos_matrix(xs, ys):
     return out
 
 
-def _sinkhorn_plain(C, eps, iters):
-    """Plain-domain Sinkhorn from r = c = 1 with uniform marginals; returns the plan."""
-    n_rows, n_cols = C.shape
-    Kmat = np.zeros((n_rows, n_cols), dtype=np.float64)
-    for i in range(n_rows):
-        for j in range(n_cols):
-            Kmat[i, j] = math.exp(-C[i, j] / eps)
-    mu = 1.0 / n_rows
-    nu = 1.0 / n_cols
-    r = [1.0] * n_rows
-    c = [1.0] * n_cols
-    for _ in range(iters):
-        new_r = []
+def _sinkhorn_plain_joint(Cs, eps, iters, tol=None):
+    """Plain-domain Sinkhorn from r = c = 1 with uniform marginals on several problems solved as one call;
+    returns their plans and the iterations run.
+
+    tol None: exactly `iters` iterations. Otherwise the authors' rule (Sinkhorn_v1): after each iteration, the
+    mean of |r - r_prev| over every row of every problem; the first time it is below `tol`, all problems stop
+    (that iteration's update kept), at most `iters` iterations."""
+    Ks, rs, cs = [], [], []
+    for C in Cs:
+        n_rows, n_cols = C.shape
+        Kmat = np.zeros((n_rows, n_cols), dtype=np.float64)
         for i in range(n_rows):
-            s = 0.0
             for j in range(n_cols):
-                s += Kmat[i, j] * c[j]
-            new_r.append(mu / s)
-        r = new_r
-        new_c = []
-        for j in range(n_cols):
-            s = 0.0
+                Kmat[i, j] = math.exp(-C[i, j] / eps)
+        Ks.append(Kmat)
+        rs.append([1.0] * n_rows)
+        cs.append([1.0] * n_cols)
+    ran = 0
+    for _ in range(iters):
+        ran += 1
+        total_change, total_rows = 0.0, 0
+        for p, Kmat in enumerate(Ks):
+            n_rows, n_cols = Kmat.shape
+            mu = 1.0 / n_rows
+            nu = 1.0 / n_cols
+            new_r = []
             for i in range(n_rows):
-                s += Kmat[i, j] * r[i]
-            new_c.append(nu / s)
-        c = new_c
-    Pi = np.zeros((n_rows, n_cols), dtype=np.float64)
-    for i in range(n_rows):
-        for j in range(n_cols):
-            Pi[i, j] = r[i] * Kmat[i, j] * c[j]
-    return Pi
+                s = 0.0
+                for j in range(n_cols):
+                    s += Kmat[i, j] * cs[p][j]
+                new_r.append(mu / s)
+            for i in range(n_rows):
+                total_change += abs(new_r[i] - rs[p][i])
+            total_rows += n_rows
+            rs[p] = new_r
+            new_c = []
+            for j in range(n_cols):
+                s = 0.0
+                for i in range(n_rows):
+                    s += Kmat[i, j] * rs[p][i]
+                new_c.append(nu / s)
+            cs[p] = new_c
+        if tol is not None and total_change / total_rows < tol:
+            break
+    plans = []
+    for p, Kmat in enumerate(Ks):
+        n_rows, n_cols = Kmat.shape
+        Pi = np.zeros((n_rows, n_cols), dtype=np.float64)
+        for i in range(n_rows):
+            for j in range(n_cols):
+                Pi[i, j] = rs[p][i] * Kmat[i, j] * cs[p][j]
+        plans.append(Pi)
+    return plans, ran
+
+
+def _sinkhorn_settings(cfg):
+    """(iterations, tol) of the solver cfg names: "fixed" runs sinkhorn_iters; "reference" the authors' rule."""
+    if str(getattr(cfg, "sinkhorn", "fixed")) == "reference":
+        return int(cfg.sinkhorn_max_iters), float(cfg.sinkhorn_tol)
+    return int(cfg.sinkhorn_iters), None
 
 
 # --------------------------------------------------------------------------- stage 1
@@ -101,23 +133,16 @@ def _select_anchors(cfg, s_shallow, s_deep):
 
 # --------------------------------------------------------------------------- stage 2
 
-def _intra_frame_ot(cfg, feats, anchors):
-    """feats [N, H] float64, anchors sorted token ids. Returns updated grid [N, H]."""
+def _intra_frame_cost(cfg, feats, anchors):
+    """feats [N, H] float64, anchors sorted token ids. Returns (C [M, V], pruned ids, cos [M, V])."""
     G = int(cfg.grid)
     N = G * G
-    eps = float(cfg.eps)
     beta = float(cfg.beta)
-    lam = float(cfg.lam)
-    alpha = float(cfg.alpha)
-    iters = int(cfg.sinkhorn_iters)
 
     anchor_set = set(anchors)
     pruned = [t for t in range(N) if t not in anchor_set]
     M = len(pruned)
     V = len(anchors)
-    out = feats.copy()
-    if M == 0 or V == 0:
-        return out
 
     xs = [feats[t] for t in pruned]
     ys = [feats[t] for t in anchors]
@@ -134,8 +159,18 @@ def _intra_frame_ot(cfg, feats, anchors):
             pj = pos(anchors[j])
             dist = math.sqrt((pi[0] - pj[0]) ** 2 + (pi[1] - pj[1]) ** 2)
             C[i, j] = (1.0 - cos[i, j]) + beta * dist
+    return C, pruned, cos
 
-    Pi = _sinkhorn_plain(C, eps, iters)
+
+def _intra_frame_update(cfg, feats, anchors, pruned, cos, Pi):
+    """Anchors moved by the plan Pi [M, V] (and the hard-merge blend). Returns the updated grid [N, H]."""
+    lam = float(cfg.lam)
+    alpha = float(cfg.alpha)
+    M = len(pruned)
+    V = len(anchors)
+    xs = [feats[t] for t in pruned]
+    ys = [feats[t] for t in anchors]
+    out = feats.copy()
 
     new_anchor = []
     for j in range(V):
@@ -255,7 +290,7 @@ def _inter_clip(cfg, clip_tokens, clip_cells, frame0, Gp):
     eps = float(cfg.eps)
     lam = float(cfg.lam)
     sigma = float(cfg.sigma_t)
-    iters = int(cfg.sinkhorn_iters)
+    iters, tol = _sinkhorn_settings(cfg)
     clipv = 1.0 - 1e-6
 
     toks = []
@@ -287,7 +322,7 @@ def _inter_clip(cfg, clip_tokens, clip_cells, frame0, Gp):
         for i in range(A):
             for m in range(A):
                 C[i, m] = (Csim[i, m] - cmin) * factor
-        Pi = _sinkhorn_plain(C, eps, iters)
+        (Pi,), _ = _sinkhorn_plain_joint([C], eps, iters, tol)   # each (clip, frame) step is its own call
         P = np.zeros((A, A), dtype=np.float64)
         q = []
         for i in range(A):
@@ -348,12 +383,19 @@ def naive_aot(cfg, features, score_shallow, score_deep):
         raise ValueError("score shapes must be [T, G*G]")
     H = features.shape[2]
 
+    # The intra-frame transport of all frames is one Sinkhorn call (the authors' rule stops them together).
+    frame_anchors = [_select_anchors(cfg, score_shallow[t], score_deep[t]) for t in range(T)]
+    costs = [_intra_frame_cost(cfg, features[t], frame_anchors[t]) for t in range(T)]
+    iters, tol = _sinkhorn_settings(cfg)
+    plans, _ = _sinkhorn_plain_joint([C for C, _, _ in costs], float(cfg.eps), iters, tol)
+
     per_frame_tokens = []
     per_frame_cells = []
     Gp = None
     for t in range(T):
-        anchors = _select_anchors(cfg, score_shallow[t], score_deep[t])
-        grid = _intra_frame_ot(cfg, features[t], anchors)
+        anchors = frame_anchors[t]
+        _, pruned, cos = costs[t]
+        grid = _intra_frame_update(cfg, features[t], anchors, pruned, cos, plans[t])
         mask = np.zeros(N, dtype=np.float64)
         for a in anchors:
             mask[a] = 1.0

@@ -1,6 +1,8 @@
 """AOTConfig: validation, derived budgets, serialisation and the retention solver (AOT_SPEC §5)."""
 
 import dataclasses
+import hashlib
+import json
 import math
 import re
 
@@ -72,7 +74,19 @@ INVALID = {
     "type-eps-str": (dict(eps="0.1"), "eps"),
     "type-alpha-none": (dict(alpha=None), "alpha"),
     "type-beta-bool": (dict(beta=False), "beta"),
+    "sinkhorn-unknown": (dict(sinkhorn="log"), "sinkhorn"),
+    "type-sinkhorn-bool": (dict(sinkhorn=True), "sinkhorn"),
+    "sinkhorn_max_iters-zero": (dict(sinkhorn_max_iters=0), "sinkhorn_max_iters"),
+    "sinkhorn_tol-negative": (dict(sinkhorn_tol=-1e-2), "sinkhorn_tol"),
+    "sinkhorn_tol-nan": (dict(sinkhorn_tol=math.nan), "sinkhorn_tol"),
+    # (2 + 0.5·√2) / 0.04 = 67.7 > 60: the plain-domain kernel would come too close to fp32 underflow.
+    "reference-eps-too-small": (dict(sinkhorn="reference", eps=0.04), "eps"),
 }
+
+
+def test_small_eps_is_fine_in_the_log_domain():
+    assert AOTConfig(**BASE, sinkhorn="fixed", eps=0.04).eps == 0.04
+    assert AOTConfig(**BASE, sinkhorn="reference", eps=0.05).eps == 0.05       # 54.1 <= 60
 
 
 @pytest.mark.parametrize("name", INVALID)
@@ -163,10 +177,11 @@ ROUND_TRIP = [
     AOTConfig(**BASE),
     AOTConfig(frames=64, clip_len=8, pool_mode="average", anchors=108, keep=3, alpha=0.0, beta=0.0,
               eps=0.05, sinkhorn_iters=100, lam=2.0, sigma_t=2.5, global_ratio=0.25),
+    AOTConfig(**BASE, sinkhorn="reference", sinkhorn_max_iters=30, sinkhorn_tol=1e-3),
 ]
 
 
-@pytest.mark.parametrize("cfg", ROUND_TRIP, ids=["default", "base", "custom"])
+@pytest.mark.parametrize("cfg", ROUND_TRIP, ids=["default", "base", "custom", "reference"])
 def test_json_round_trip(cfg):
     text = cfg.to_json()
     back = AOTConfig.from_json(text)
@@ -176,7 +191,7 @@ def test_json_round_trip(cfg):
     assert back.to_json() == text
 
 
-@pytest.mark.parametrize("cfg", ROUND_TRIP, ids=["default", "base", "custom"])
+@pytest.mark.parametrize("cfg", ROUND_TRIP, ids=["default", "base", "custom", "reference"])
 def test_dict_round_trip(cfg):
     data = cfg.to_dict()
     assert set(data) == {f.name for f in dataclasses.fields(AOTConfig)}
@@ -184,6 +199,18 @@ def test_dict_round_trip(cfg):
     assert back == cfg
     assert hash(back) == hash(cfg)
     assert back.hash == cfg.hash
+
+
+def test_config_written_before_the_solver_fields_loads_as_built():
+    """A manifest from before `sinkhorn*` existed: it was built with the fixed solver, and its recorded hash (the
+    sha256 of its sorted JSON, which engine sidecars compare) still matches."""
+    old = {k: v for k, v in AOTConfig(**BASE, sinkhorn="fixed").to_dict().items() if not k.startswith("sinkhorn")}
+    old["sinkhorn_iters"] = 7
+    cfg = AOTConfig.from_dict(old)
+    assert (cfg.sinkhorn, cfg.sinkhorn_iters) == ("fixed", 7)
+    assert cfg.hash == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
+    assert dataclasses.replace(cfg, sinkhorn="reference").hash != cfg.hash
+    assert dataclasses.replace(cfg, sinkhorn_tol=1e-3).hash != cfg.hash
 
 
 def test_hash_tells_configs_apart():

@@ -63,17 +63,28 @@ def onnxruntime_providers(device: str = "auto") -> list[str]:
             else ["CPUExecutionProvider"])
 
 
+def session_options(intra_op_threads: int | None, allow_spinning: bool) -> Any:
+    """ONNX Runtime session options every session of the project uses (vision graphs and the LLM decoder)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if intra_op_threads is not None:
+        options.intra_op_num_threads = intra_op_threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
+    return options
+
+
 class OnnxRuntimeRunner(VisionRunner):
     """An ONNX graph on ONNX Runtime. Session options are explicit arguments, recorded in `settings`:
     `intra_op_threads` (None: ORT's default, one per core) and `allow_spinning` (ORT's
-    `session.intra_op.allow_spinning`; spinning threads slowed an LLM prefill that ran right after the vision
+    `session.intra_op.allow_spinning`, off by default: spinning threads slowed an LLM prefill that ran right after the vision
     graph 3–6× on 2 cores, DESIGN.md) and `memory_arena` (ORT's CPU arena keeps the graph's peak activation
     memory after a run; off, it is returned, so a session that runs next — the LLM — does not stack on it)."""
 
     backend = "onnxruntime"
 
     def __init__(self, graph: str | os.PathLike, providers: tuple[str, ...] | list[str] = ("CPUExecutionProvider",),
-                 intra_op_threads: int | None = None, allow_spinning: bool = True, input_name: str = "frames",
+                 intra_op_threads: int | None = None, allow_spinning: bool = False, input_name: str = "frames",
                  name: str | None = None, memory_arena: bool = True):
         self.graph = Path(graph)
         self.providers = tuple(providers)
@@ -97,10 +108,7 @@ class OnnxRuntimeRunner(VisionRunner):
     def activate_impl(self) -> None:
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        if self.intra_op_threads is not None:
-            options.intra_op_num_threads = self.intra_op_threads
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.allow_spinning else "0")
+        options = session_options(self.intra_op_threads, self.allow_spinning)
         options.enable_cpu_mem_arena = self.memory_arena
         self.session = ort.InferenceSession(str(self.graph), sess_options=options, providers=list(self.providers))
         self.output_names = [output.name for output in self.session.get_outputs()]

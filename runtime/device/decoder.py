@@ -23,6 +23,7 @@ import numpy as np
 
 from aot_export.errors import InputError
 from aot_export.manifest import VERIFY_HASHES, file_findings, read_json_object
+from aot_export.runners import session_options
 
 LLM_MANIFEST = "llm.json"
 GENAI_CONFIG = "genai_config.json"
@@ -96,16 +97,6 @@ class Positions:
         return {"position_ids": ids}
 
 
-def session_options(intra_op_threads: int | None, allow_spinning: bool):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if intra_op_threads is not None:
-        options.intra_op_num_threads = intra_op_threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
-    return options
-
-
 @dataclass
 class OrtDecoder:
     """An ONNX LLM directory (`llm.json` + genai_config.json + the graph) on ONNX Runtime."""
@@ -114,7 +105,7 @@ class OrtDecoder:
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     kv: str = "bound"
     intra_op_threads: int | None = None
-    allow_spinning: bool = True
+    allow_spinning: bool = False
     manifest: dict = field(init=False)
     name: str = field(init=False)
 

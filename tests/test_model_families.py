@@ -27,7 +27,8 @@ VIDEO_FRAMES = 4
 
 def family_cfg(adapter):
     frames = adapter.aot_frames(VIDEO_FRAMES)
-    return AOTConfig(frames=frames, clip_len=frames, anchors=24, pooled_anchors=16, keep=5, **adapter.aot_fields())
+    return AOTConfig(frames=frames, clip_len=frames, anchors=24, pooled_anchors=16, keep=5, sinkhorn="fixed",
+                     **adapter.aot_fields())
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

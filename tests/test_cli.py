@@ -17,6 +17,8 @@ def test_console_script_is_installed():
     assert "demo" in out
 
 
+# ~100 s (the default solver's 32-frame export); CI's set-up line runs `aot-export demo` as well.
+@pytest.mark.heavy
 def test_demo_on_a_synthesized_clip(tmp_path, capsys):
     """The README's main job end to end (export → check → validate), on a clip made here."""
     from aot_export.video import synthesize_clip

@@ -31,11 +31,11 @@ class AOTConfig:
     whatever the data (what exports before this field were built with; `sinkhorn_iters` is only read by it).
     Chosen by measurement (docs/benchmarks.md, bench/sinkhorn_iters.py, bench/agreement.py, bench/overhead.py,
     real footage with random-projection features): against the float64 authors' stopping, "reference" gives index
-    agreement 1.0 and max relative error <= 1e-5 on both videos and all four benchmark configs, "fixed" 0.94-1.0 and
-    0.36-1.10; reducer time at H = 896 / 3584 was 166-173 / 336-341 ms for "reference" against 204-205 / 365-375 ms
-    for "fixed" (0.14 % / 0.28 % of a SigLIP-so400m encoder on 32 frames against 0.17 % / 0.31 %, two quiet runs).
-    Its costs: a larger graph (5,112 nodes instead of ~800 for the tiny model at 32 frames, export 65 s instead of
-    ~10 s) and TensorRT plan; and a frame's result depends on the other frames in the call, as in the authors' code.
+    agreement 1.0 and max relative error <= 1e-5 on both videos and all four benchmark configs, "fixed" 0.93-1.0
+    and 0.36-2.9; reducer time at H = 896 / 3584 was 166-173 / 336-341 ms for "reference" against 204-205 /
+    365-375 ms for "fixed" (0.14 % / 0.28 % of a SigLIP-so400m encoder on 32 frames against 0.17 % / 0.31 %, two
+    quiet runs). Its costs: a larger graph (tiny model, 32 frames: 5,112 ONNX nodes and a 52.4 MB TensorRT-RTX plan
+    against 1,037 and 20.1 MB), and — as in the authors' code — a frame's result depends on the other frames.
     """
 
     frames: int = 32

@@ -17,8 +17,8 @@ CONFIGS = {
     "small-average-no-keep": (AOTConfig(frames=4, clip_len=2, grid=10, windows=2, pool_mode="average", anchors=20,
                                         pooled_anchors=10, keep=0, sinkhorn="reference"), 16),
     "siglip-grid": (AOTConfig(frames=8, sinkhorn="fixed"), 64),
-    # The authors' stopping unrolled to 100 iterations per call, 4 calls: ~4,750 nodes, about a minute to export on
-    # 2 cores (small-average-no-keep covers the same solver in the default tier with 2 calls).
+    # The authors' stopping unrolled to 100 iterations per call, 4 calls: 4,752 nodes, ~40 s to export on 2 idle
+    # cores (small-average-no-keep covers the same solver in the default tier with 2 calls).
     "siglip-grid-reference": (AOTConfig(frames=8, sinkhorn="reference"), 64),
 }
 HEAVY = {"siglip-grid-reference"}

@@ -81,7 +81,7 @@ class VideoCalibrationReader(CalibrationDataReader):
     """ONNX Runtime's calibration reader over preprocessed samples: `{"frames": [T, 3, S, S] float32}` each.
 
     `set_range(start, end)` restricts it to samples [start, end) (ORT's strided calibration uses it; so does
-    `calibration.quantize`, which calibrates one sample at a time to bound memory)."""
+    `calibration.ort_quantize`, which calibrates one sample at a time to bound memory)."""
 
     def __init__(self, samples: list[np.ndarray], input_name: str = "frames"):
         if not samples:

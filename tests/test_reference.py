@@ -226,7 +226,7 @@ def test_reference_solver_reproduces_the_authors_stopping_on_real_footage(shared
     stopping: the fp32 unrolled solver must give the float64 loop's output, position by position (measured: max
     relative error 8e-6; the fixed solver's is 0.36 on bigbuckbunny, 0.83 on bikes)."""
     from runtime.patch_features import patch_features
-    from runtime.video import decode_frames
+    from aot_export.video import decode_frames
 
     cfg = AOTConfig(sinkhorn="reference")
     for video in shared_videos:

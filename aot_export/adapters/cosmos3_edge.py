@@ -24,8 +24,8 @@ from ..errors import InputError
 from ..preprocess import Preprocessing
 from .llava_onevision import tiny_tokenizer
 from .base import VideoLayout
-from .merged_grid import (MergedGridAdapter, MergedGridVisionAOT, StaticGrid, attention_weights, merged_scores,
-                          patchify, received_from_weights)
+from .merged_grid import (CHAT_TEMPLATE, SPECIAL_TOKENS, MergedGridAdapter, MergedGridVisionAOT, StaticGrid,
+                          attention_weights, merged_scores, patchify, received_from_weights)
 
 SHALLOW_LAYER = 5
 DEEP_LAYER = -2
@@ -33,17 +33,6 @@ DEEP_LAYER = -2
 DEFAULT_SIZE = 512
 # The Cosmos3-Edge processor's normalisation (ImageNet standard: 0.5 / 0.5) and resampling.
 COSMOS_PREPROCESSING = Preprocessing(size=DEFAULT_SIZE, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                  "<|image_pad|>", "<|video_pad|>")
-# The Edge chat template emits <|vision_start|><|video_pad|><|vision_end|> for a video (processing_cosmos3_edge.py).
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n'}}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'video' %}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
-    "{% elif content['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
-    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "{{'<|im_end|>\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
 
 
 def tiny_config() -> Any:

@@ -27,6 +27,19 @@ from .llava_onevision import checkpoint_tokenizer, tiny_tokenizer
 # No pooling after the merger: average pooling with a 1×1 window is the identity on the merged grid.
 MERGED_GRID_POOLING = {"pool": 1, "pool_mode": "average"}
 
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>")
+# Both families' chat templates, reduced to what a video question needs (Qwen2.5-VL's; Cosmos3-Edge's emits the same
+# <|vision_start|><|video_pad|><|vision_end|> for a video, processing_cosmos3_edge.py): the built-ins' tiny tokenizer.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n'}}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'video' %}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
+    "{% elif content['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{'<|im_end|>\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
 
 @dataclass(frozen=True)
 class StaticGrid:

@@ -25,25 +25,14 @@ from ..errors import InputError
 from ..preprocess import Preprocessing
 from .llava_onevision import tiny_tokenizer
 from .base import VideoLayout
-from .merged_grid import (MergedGridAdapter, MergedGridVisionAOT, StaticGrid, attention_weights, merged_scores,
-                          patchify, received_from_weights)
+from .merged_grid import (CHAT_TEMPLATE, SPECIAL_TOKENS, MergedGridAdapter, MergedGridVisionAOT, StaticGrid,
+                          attention_weights, merged_scores, patchify, received_from_weights)
 
 # Fixed input of an export: 448 px gives a 16×16 merged grid (4×4 windows of 112 px) per temporal patch.
 DEFAULT_SIZE = 448
 # Qwen2-VL's processor normalisation (OpenAI CLIP) and resampling.
 QWEN_PREPROCESSING = Preprocessing(size=DEFAULT_SIZE, mean=(0.48145466, 0.4578275, 0.40821073),
                                    std=(0.26862954, 0.26130258, 0.27577711))
-SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                  "<|image_pad|>", "<|video_pad|>")
-# Qwen2.5-VL's chat template, reduced to what a video question needs.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n'}}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'video' %}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
-    "{% elif content['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
-    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "{{'<|im_end|>\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
 
 
 def tiny_config() -> Any:

@@ -76,11 +76,15 @@ def sample_indices(total: int, frames: int) -> np.ndarray:
     return np.arange(frames, dtype=np.int64) * total // frames
 
 
+def resize_frames(frames: np.ndarray, prep: Preprocessing) -> np.ndarray:
+    """[T, H, W, 3] uint8 RGB → [T, size, size, 3] uint8 (PIL; a frame already at the size is unchanged)."""
+    resample = getattr(Image.Resampling, prep.resample.upper())
+    return np.stack([np.asarray(Image.fromarray(frame).resize((prep.size, prep.size), resample=resample))
+                     for frame in frames])
+
+
 def preprocess_frames(frames: np.ndarray, prep: Preprocessing) -> np.ndarray:
     """[T, H, W, 3] uint8 RGB → [T, 3, size, size] float32: PIL resize, rescale, normalise (HF's PIL backend)."""
-    resample = getattr(Image.Resampling, prep.resample.upper())
-    resized = np.stack([np.asarray(Image.fromarray(frame).resize((prep.size, prep.size), resample=resample))
-                        for frame in frames])
-    pixels = resized.astype(np.float32) * np.float32(prep.rescale_factor)
+    pixels = resize_frames(frames, prep).astype(np.float32) * np.float32(prep.rescale_factor)
     pixels = (pixels - np.asarray(prep.mean, np.float32)) / np.asarray(prep.std, np.float32)
     return np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))

@@ -18,7 +18,7 @@ from runtime.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, main
 from aot_export.export import export_vision_aot
 from aot_export.manifest import GRAPH, WEIGHTS, read_manifest
 from aot_export.onnx_lint import FORBIDDEN_OPS, graph_findings
-from aot_export.preprocess import Preprocessing, preprocess_frames, sample_indices
+from aot_export.preprocess import Preprocessing, preprocess_frames, resize_frames, sample_indices
 from aot_export.video import decode_frames, synthesize_clip
 
 HAS_TENSORRT = bool(importlib.util.find_spec("tensorrt_rtx") or importlib.util.find_spec("tensorrt"))
@@ -44,6 +44,15 @@ def test_preprocessing_matches_the_hf_processor(tiny):
         # LLaVA-OneVision's first "patch" is the whole frame resized to size × size.
         theirs = processor(images=[frame], return_tensors="np")["pixel_values"][0][0]
         np.testing.assert_allclose(mine, theirs, atol=1e-6, rtol=0)
+
+
+def test_frames_resized_ahead_preprocess_to_the_same_pixels(tiny):
+    """bench/gpu_check.py ships frames resized to the model's size and normalises them on the GPU machine."""
+    frames = np.random.default_rng(1).integers(0, 256, (2, 240, 320, 3), dtype=np.uint8)
+    resized = resize_frames(frames, tiny.preprocessing)
+    assert resized.shape == (2, tiny.preprocessing.size, tiny.preprocessing.size, 3) and resized.dtype == np.uint8
+    np.testing.assert_array_equal(preprocess_frames(resized, tiny.preprocessing),
+                                  preprocess_frames(frames, tiny.preprocessing))
 
 
 @pytest.mark.parametrize("total, frames", [(250, 32), (132, 32), (33, 32), (32, 32), (100, 7)])

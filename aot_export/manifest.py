@@ -5,8 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,18 +18,6 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 GRAPH = "vision_aot.onnx"
 WEIGHTS = GRAPH + ".data"
-# Whether loading an artifact compares its files' sha256 with its manifest (sizes are always compared): on, except
-# inside `hashes_skipped()` (the CLI's --skip-hash), so that every loader deep in a command follows the flag.
-VERIFY_HASHES: ContextVar[bool] = ContextVar("VERIFY_HASHES", default=True)
-
-
-@contextmanager
-def hashes_skipped(skip: bool = True):
-    token = VERIFY_HASHES.set(not skip)
-    try:
-        yield
-    finally:
-        VERIFY_HASHES.reset(token)
 
 
 @dataclass(frozen=True)
@@ -178,14 +164,13 @@ def load_manifest(directory: str | os.PathLike) -> tuple[Manifest, dict[str, Any
         raise InputError(f"{path}: unreadable manifest ({exc.__class__.__name__}: {exc}); re-export") from exc
 
 
-def read_manifest(directory: str | os.PathLike, verify: bool | None = None) -> Manifest:
+def read_manifest(directory: str | os.PathLike, *, verify_hashes: bool = True) -> Manifest:
     """Load an export directory's manifest, refusing one that contradicts itself or its files: sizes always,
-    sha256 unless `verify` is False (None: as `hashes_skipped` says, on by default)."""
+    sha256 unless `verify_hashes` is False (the CLI's --skip-hash)."""
     directory = Path(directory)
     manifest, data = load_manifest(directory)
-    hashes = VERIFY_HASHES.get() if verify is None else verify
     findings = consistency_findings(manifest, data) + file_findings(directory, manifest.files, manifest.sizes,
-                                                                    hashes)
+                                                                    verify_hashes)
     if findings:
         raise InputError(f"{directory}: {findings[0]}; the export was changed after it was written: re-export or "
                          "restore it (`aot-export check` lists every difference)")

@@ -98,10 +98,11 @@ class OnnxRuntimeRunner(VisionRunner):
                           "memory_arena": memory_arena})
 
     @classmethod
-    def from_export(cls, directory: str | os.PathLike, device: str = "auto", manifest: Manifest | None = None,
-                    **options: Any) -> "OnnxRuntimeRunner":
-        """The graph of an export directory (its manifest verified unless given)."""
-        manifest = manifest or read_manifest(directory)
+    def from_export(cls, directory: str | os.PathLike, device: str = "auto", manifest: Manifest | None = None, *,
+                    verify_hashes: bool = True, **options: Any) -> "OnnxRuntimeRunner":
+        """The graph of an export directory (its manifest verified unless given: sizes, and sha256 with
+        `verify_hashes`)."""
+        manifest = manifest or read_manifest(directory, verify_hashes=verify_hashes)
         return cls(Path(directory) / manifest.graph, onnxruntime_providers(device),
                    input_name=manifest.inputs[0].name, **options)
 

@@ -140,21 +140,23 @@ def _source_checks(manifest: Manifest, directory: Path, precision: str) -> Preci
 def calibrate_export(directory: str | os.PathLike, videos: str | os.PathLike | Iterable[str | os.PathLike],
                      precision: str, out_dir: str | os.PathLike, holdout: str | os.PathLike | None = None,
                      clips_per_video: int = 4, seed: int = 0, progress: bool = True,
-                     weights_only: bool = True, noise_floor: bool = True, force: bool = False) -> CalibrationReport:
+                     weights_only: bool = True, noise_floor: bool = True, force: bool = False, *,
+                     verify_hashes: bool = True) -> CalibrationReport:
     """Quantize the fp32 export in `directory` to `precision` ("int8" or "fp8") with ranges calibrated on
     `videos` (files and/or directories; `clips_per_video` clips each, see calibration.data), write the Q/DQ
     export to `out_dir` (atomically), and measure it against the fp32 export on `holdout` (a video not used
     for calibration). `weights_only=False` also quantizes the tower's activation×activation
     MatMuls (attention; measured far less accurate). `noise_floor` also measures the fp32 export against itself
     under sub-pixel input noise (`input_noise_floor`), to tell quantization error from an ill-conditioned
-    selection. Refuses bad input with InputError; a failed fidelity gate is `report.passed == False`
+    selection. `verify_hashes`: the source export's sha256 checked against its manifest (sizes always). Refuses
+    bad input with InputError; a failed fidelity gate is `report.passed == False`
     (the directory is still written, its manifest records the failed fidelity)."""
     from onnx.external_data_helper import load_external_data_for_model
 
     directory, out_dir = Path(directory), Path(out_dir)
     stages = Stages(STAGES, progress)
     with stages.step():
-        manifest = read_manifest(directory)
+        manifest = read_manifest(directory, verify_hashes=verify_hashes)
         spec = _source_checks(manifest, directory, precision)
         paths = expand_videos(videos)
         if directory.resolve() == out_dir.resolve():

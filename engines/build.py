@@ -88,12 +88,14 @@ class BuildResult:
 
 
 def build_engine_dir(export_dir: str | os.PathLike, settings: BuildSettings, out_dir: str | os.PathLike,
-                     progress: bool = True, force: bool = False, allow_failed: bool = False) -> BuildResult:
+                     progress: bool = True, force: bool = False, allow_failed: bool = False, *,
+                     verify_hashes: bool = True) -> BuildResult:
     """`force` replaces an existing engine directory at `out_dir` (anything else there is refused);
-    `allow_failed` builds from an export whose calibration failed its gates (refused otherwise)."""
+    `allow_failed` builds from an export whose calibration failed its gates (refused otherwise);
+    `verify_hashes`: the export's sha256 checked against its manifest (sizes always)."""
     export_dir, out_dir = Path(export_dir), Path(out_dir)
     target = get_target(settings.target)
-    manifest = read_manifest(export_dir)
+    manifest = read_manifest(export_dir, verify_hashes=verify_hashes)
     check_source(manifest, settings, export_dir)
     warning = refuse_failed_calibration(manifest, export_dir, allow_failed)
     if warning:
@@ -110,8 +112,8 @@ def build_engine_dir(export_dir: str | os.PathLike, settings: BuildSettings, out
         with stages.step():
             graph_dir, graph_manifest = export_dir, manifest
             if settings.precision == "fp16" and settings.typing == "strong" and manifest.precision == "fp32":
-                graph_dir = export_fp16(export_dir, staging / FP16_EXPORT)
-                graph_manifest = read_manifest(graph_dir)
+                graph_dir = export_fp16(export_dir, staging / FP16_EXPORT, verify_hashes=verify_hashes)
+                graph_manifest = read_manifest(graph_dir, verify_hashes=verify_hashes)
             graph = graph_dir / graph_manifest.graph
         with stages.step():
             parsed = parse_onnx(graph, target.flavour, settings.typing)
@@ -147,7 +149,7 @@ def build_engine_dir(export_dir: str | os.PathLike, settings: BuildSettings, out
 def trtexec_command(export_dir: str | os.PathLike, settings: BuildSettings, plan: str = PLAN) -> str:
     """The equivalent command line for building on the device itself (trtexec, or tensorrt_rtx)."""
     export_dir = Path(export_dir)
-    manifest = read_manifest(export_dir, verify=False)
+    manifest = read_manifest(export_dir, verify_hashes=False)
     check_source(manifest, settings, export_dir)
     target = get_target(settings.target)
     flavour = FLAVOURS[target.flavour]

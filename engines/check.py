@@ -12,7 +12,7 @@ from pathlib import Path
 
 import onnx
 
-from aot_export.manifest import VERIFY_HASHES, consistency_findings, file_findings, load_manifest
+from aot_export.manifest import consistency_findings, file_findings, load_manifest
 from aot_export.onnx_lint import graph_findings, interface_findings
 from aot_export.report import format_table
 
@@ -54,15 +54,16 @@ class CheckReport:
             f"\n\n{'PASS' if self.passed else 'FAIL'}: {sum(r.status == FINDING for r in self.rows)} finding(s)"
 
 
-def check_export(directory: str | os.PathLike, tensorrt: bool = True, workspace_bytes: int = 2 << 30) -> CheckReport:
+def check_export(directory: str | os.PathLike, tensorrt: bool = True, workspace_bytes: int = 2 << 30, *,
+                 verify_hashes: bool = True) -> CheckReport:
+    """`verify_hashes`: compare the files' sha256 with the manifest too (sizes always; False: --skip-hash)."""
     directory = Path(directory)
     manifest, data = load_manifest(directory)
     graph = directory / manifest.graph
     report = CheckReport(str(directory))
-    hashes = VERIFY_HASHES.get()
     report.add("manifest", consistency_findings(manifest, data), "counts and shapes follow from its aot config")
-    files = file_findings(directory, manifest.files, manifest.sizes, hashes)
-    report.add("files", files, f"{'sizes and sha256' if hashes else 'sizes (sha256 skipped)'} of "
+    files = file_findings(directory, manifest.files, manifest.sizes, verify_hashes)
+    report.add("files", files, f"{'sizes and sha256' if verify_hashes else 'sizes (sha256 skipped)'} of "
                                f"{', '.join(manifest.files)} match")
     if files:
         return report        # the graph is not what was exported: what follows would describe another graph

@@ -64,10 +64,10 @@ def topologically_sorted(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def export_fp16(source: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+def export_fp16(source: str | os.PathLike, out_dir: str | os.PathLike, *, verify_hashes: bool = True) -> Path:
     """A new export directory whose graph computes the encoder in fp16 (inputs and outputs stay fp32)."""
     source, out_dir = Path(source), Path(out_dir)
-    manifest = read_manifest(source)
+    manifest = read_manifest(source, verify_hashes=verify_hashes)
     if manifest.precision != "fp32":
         raise InputError(f"{source} is a {manifest.precision} export; fp16 is made from an fp32 export")
     model = onnx.load(str(source / manifest.graph))

@@ -28,14 +28,14 @@ class TensorRTRunner(VisionRunner):
     backend = "tensorrt"
 
     def __init__(self, engine_dir: str | os.PathLike, export_dir: str | os.PathLike | None = None,
-                 machine: Machine | None = None, name: str | None = None):
+                 machine: Machine | None = None, name: str | None = None, *, verify_hashes: bool = True):
         self.engine_dir = Path(engine_dir)
-        sidecar = read_sidecar(self.engine_dir)
+        sidecar = read_sidecar(self.engine_dir, verify_hashes=verify_hashes)
         super().__init__(sidecar.manifest["inputs"][0]["name"], name or sidecar.flavour,
                          {"engine_dir": str(self.engine_dir), "flavour": sidecar.flavour,
                           "tensorrt_version": sidecar.tensorrt_version, "precision": sidecar.precision,
                           "export_checked": export_dir is not None})
-        self.sidecar, self.engine = load_engine(self.engine_dir, export_dir, machine)
+        self.sidecar, self.engine = load_engine(self.engine_dir, export_dir, machine, verify_hashes=verify_hashes)
 
     def _tensors(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         engine = self.engine

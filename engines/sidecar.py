@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from aot_export.artifacts import sha256_file
 from aot_export.errors import InputError
-from aot_export.manifest import MANIFEST, VERIFY_HASHES, Manifest, read_json_object, read_manifest
+from aot_export.manifest import MANIFEST, Manifest, read_json_object, read_manifest
 
 PLAN = "engine.plan"
 SIDECAR = "engine.json"
@@ -60,7 +60,8 @@ class EngineSidecar:
         return cls(**data)
 
 
-def read_sidecar(engine_dir: str | os.PathLike) -> EngineSidecar:
+def read_sidecar(engine_dir: str | os.PathLike, *, verify_hashes: bool = True) -> EngineSidecar:
+    """`engine.json`, refused unless the plan has its recorded size and (with `verify_hashes`) sha256."""
     engine_dir = Path(engine_dir)
     for name in (PLAN, SIDECAR):
         if not (engine_dir / name).is_file():
@@ -74,7 +75,7 @@ def read_sidecar(engine_dir: str | os.PathLike) -> EngineSidecar:
     if sidecar.plan_bytes is not None and size != sidecar.plan_bytes:
         raise EngineMismatch("plan_bytes", sidecar.plan_bytes, f"engine.plan is {size} bytes",
                              "the plan was changed after the build: rebuild it")
-    if VERIFY_HASHES.get() and sha256_file(engine_dir / PLAN) != sidecar.plan_sha256:
+    if verify_hashes and sha256_file(engine_dir / PLAN) != sidecar.plan_sha256:
         raise EngineMismatch("plan_sha256", sidecar.plan_sha256[:12], "engine.plan hashes differently",
                              "the plan was changed after the build: rebuild it")
     return sidecar
@@ -167,12 +168,14 @@ def check_against_machine(sidecar: EngineSidecar, machine: Machine) -> None:
 
 def load_engine(engine_dir: str | os.PathLike, export_dir: str | os.PathLike | None = None,
                 machine: Machine | None = None,
-                deserialize: Callable[[EngineSidecar, bytes], Any] | None = None) -> tuple[EngineSidecar, Any]:
-    """Verify the engine against its export (if given) and this machine, then deserialize it."""
+                deserialize: Callable[[EngineSidecar, bytes], Any] | None = None, *,
+                verify_hashes: bool = True) -> tuple[EngineSidecar, Any]:
+    """Verify the engine against its export (if given) and this machine, then deserialize it; `verify_hashes`:
+    the plan's and the export's sha256 too (sizes always)."""
     engine_dir = Path(engine_dir)
-    sidecar = read_sidecar(engine_dir)
+    sidecar = read_sidecar(engine_dir, verify_hashes=verify_hashes)
     if export_dir is not None:
-        check_against_export(sidecar, read_manifest(export_dir))
+        check_against_export(sidecar, read_manifest(export_dir, verify_hashes=verify_hashes))
     check_against_machine(sidecar, machine or Machine.detect())
     plan = (engine_dir / PLAN).read_bytes()
     return sidecar, (deserialize or deserialize_plan)(sidecar, plan)

@@ -47,23 +47,24 @@ def chat_pieces(adapter) -> dict[str, str]:
 
 def write_bundle(model: str | os.PathLike, llm: str | os.PathLike, out: str | os.PathLike,
                  export: str | os.PathLike | None = None, embeddings: str = "fp16", adapter=None,
-                 force: bool = False) -> Path:
+                 force: bool = False, *, verify_hashes: bool = True) -> Path:
     """`model`: an export or engine directory (an engine is checked against `export`, or the export found beside
-    it); `llm`: an ONNX LLM directory. Parts from another model are refused before anything is written."""
+    it); `llm`: an ONNX LLM directory. Parts from another model are refused before anything is written, and so
+    are parts whose files differ from their manifests (sizes always, sha256 with `verify_hashes`)."""
     if embeddings not in EMBEDDING_DTYPES:
         raise InputError(f"--embeddings {embeddings!r}: choose fp16 or fp32")
     out = check_destination(out, "bundle", force)
-    artifact = resolve_artifact(model, export)
+    artifact = resolve_artifact(model, export, verify_hashes=verify_hashes)
     if artifact.kind == "model":
         raise InputError(f"{model} is neither an export nor an engine directory; export one with `aot-export export`")
     if artifact.kind == "engine" and artifact.export_dir is None:
         raise InputError(f"{model}: the export this engine was built from is not beside it; pass --export EXPORT_DIR "
                          "so that the bundle records (and the device checks) the engine against it")
-    export_manifest = read_manifest(artifact.export_dir)
+    export_manifest = read_manifest(artifact.export_dir, verify_hashes=verify_hashes)
     if artifact.kind == "engine":
-        check_against_export(read_sidecar(model), export_manifest)
+        check_against_export(read_sidecar(model, verify_hashes=verify_hashes), export_manifest)
     llm = Path(llm)
-    llm_manifest = read_llm_manifest(llm)
+    llm_manifest = read_llm_manifest(llm, verify_hashes=verify_hashes)
     model_info = export_manifest.model
     if llm_manifest["config_hash"] != model_info["config_hash"]:
         raise InputError(f"{llm} was built from {llm_manifest['model_id']} (config {llm_manifest['config_hash']}), "
@@ -100,7 +101,7 @@ def write_bundle(model: str | os.PathLike, llm: str | os.PathLike, out: str | os
         np.save(staging / EMBEDDINGS, table.astype(EMBEDDING_DTYPES[embeddings]))
         np.save(staging / NEWLINE, newline)
         files = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file())
-        sidecar = read_sidecar(model) if artifact.kind == "engine" else None
+        sidecar = read_sidecar(model, verify_hashes=verify_hashes) if artifact.kind == "engine" else None
         data = {"schema_version": BUNDLE_SCHEMA,
                 "model": {"model_id": model_info["model_id"], "config_hash": model_info["config_hash"],
                           "hidden": int(newline.shape[-1]), "vocab": int(table.shape[0])},

@@ -115,18 +115,18 @@ def llm_precision(name: str) -> str:
 def validate_chain(directory: str | os.PathLike, video: str | os.PathLike, llm: str, prompt: str = DEFAULT_PROMPT,
                    tokens: int = 16, model: str | None = None, device: str = "auto",
                    progress: bool = True, backend: str | None = None,
-                   export: str | os.PathLike | None = None) -> ChainReport:
-    artifact = resolve_artifact(directory, export)
+                   export: str | os.PathLike | None = None, *, verify_hashes: bool = True) -> ChainReport:
+    artifact = resolve_artifact(directory, export, verify_hashes=verify_hashes)
     adapter = model_adapter(artifact, model)
     vision = validate_export(directory, video, model=adapter, device=device, progress=progress, backend=backend,
-                             export=export)
+                             export=export, verify_hashes=verify_hashes)
     # Each side's prompt from its own tokens and index (3-D positions where the family has them).
     (reference_inputs, reference_kwargs), (deployed_inputs, deployed_kwargs) = (
         assemble_for(adapter, prompt, *(torch.from_numpy(np.asarray(vision.outputs[side][name]))
                                         for name in ("tokens", "index")), artifact.manifest.aot.frames)
         for side in ("reference", "export"))
     reference = TransformersDecoder(adapter).generate(reference_inputs.embeds, tokens, **reference_kwargs)
-    deployed_llm = load_llm(llm, adapter)
+    deployed_llm = load_llm(llm, adapter, verify_hashes=verify_hashes)
     forced = deployed_llm.generate(deployed_inputs.embeds, len(reference.tokens), forced=reference.tokens,
                                    **deployed_kwargs)
     free = deployed_llm.generate(deployed_inputs.embeds, len(reference.tokens), **deployed_kwargs)

@@ -17,7 +17,6 @@ from typing import Callable, Sequence
 
 from aot_export.artifacts import check_destination, check_output_file, describe_os_error
 from aot_export.errors import CheckFailed, InputError
-from aot_export.manifest import hashes_skipped
 from aot_export.report import format_table, peak_rss_mib, write_json
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
@@ -117,7 +116,7 @@ def _add_budget(parser: argparse.ArgumentParser, frames_help: str) -> None:
 def _check(args: argparse.Namespace) -> int:
     from engines.check import check_export
 
-    report = check_export(args.dir, tensorrt=not args.no_tensorrt)
+    report = check_export(args.dir, tensorrt=not args.no_tensorrt, verify_hashes=not args.skip_hash)
     print(report.table())
     write_json(args.json, report.to_dict())
     return EXIT_OK if report.passed else EXIT_FAILED
@@ -135,10 +134,11 @@ def _validate(args: argparse.Namespace) -> int:
     if args.llm:
         report = validate_chain(args.dir, args.video, args.llm, prompt=args.prompt, tokens=args.tokens,
                                 model=args.model, device=args.device, progress=not args.quiet,
-                                backend=args.backend, export=args.export)
+                                backend=args.backend, export=args.export, verify_hashes=not args.skip_hash)
     else:
         report = validate_export(args.dir, args.video, model=args.model, device=args.device,
-                                 progress=not args.quiet, backend=args.backend, export=args.export)
+                                 progress=not args.quiet, backend=args.backend, export=args.export,
+                                 verify_hashes=not args.skip_hash)
     print(report.table())
     write_json(args.json, report.to_dict())
     return EXIT_OK if report.passed else EXIT_FAILED
@@ -171,7 +171,8 @@ def _run(args: argparse.Namespace) -> int:
         from runtime.pipeline import Pipeline
 
         pipeline = Pipeline(args.model, backend=args.backend, llm=args.llm or "transformers-int8", device=args.device,
-                            reduce=not args.no_reduce, export=args.export, allow_failed=args.allow_failed)
+                            reduce=not args.no_reduce, export=args.export, allow_failed=args.allow_failed,
+                            verify_hashes=not args.skip_hash)
         if pipeline.warning:
             print(pipeline.warning, file=sys.stderr)
     with pipeline:
@@ -213,7 +214,7 @@ def _device_pipeline(args: argparse.Namespace):
             raise InputError(f"{option} does not apply to a bundle (it holds its vision artifact, checked against "
                              "its export, and its LLM); drop it, or run the export/engine directory instead")
     return DevicePipeline(args.model, device=args.device, intra_op_threads=args.threads,
-                          allow_spinning=args.spinning == "on", kv=args.kv)
+                          allow_spinning=args.spinning == "on", kv=args.kv, verify_hashes=not args.skip_hash)
 
 
 def _add_run_latency(parser: argparse.ArgumentParser) -> None:
@@ -231,7 +232,7 @@ def _bundle(args: argparse.Namespace) -> int:
     from runtime.bundle import write_bundle
 
     out = write_bundle(args.model, args.llm, args.out, export=args.export, embeddings=args.embeddings,
-                       force=args.force)
+                       force=args.force, verify_hashes=not args.skip_hash)
     files = sorted(p for p in out.rglob("*") if p.is_file())
     size = sum(p.stat().st_size for p in files)
     print(format_table([("bundle", str(out)), ("files", len(files)), ("size", f"{size / 1e6:.1f} MB"),
@@ -281,7 +282,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     report = calibrate_export(args.dir, args.videos, args.precision, args.out, holdout=args.holdout,
                               clips_per_video=args.clips_per_video, seed=args.seed, progress=not args.quiet,
-                              force=args.force)
+                              force=args.force, verify_hashes=not args.skip_hash)
     print(report.table())
     write_json(args.json, report.to_dict())
     return EXIT_OK if report.passed else EXIT_FAILED
@@ -317,7 +318,7 @@ def _build(args: argparse.Namespace) -> int:
         return EXIT_OK
     out = args.out or f"{args.dir.rstrip('/')}-{target.name}-{args.precision}"
     result = build_engine_dir(args.dir, settings, out, progress=not args.quiet, force=args.force,
-                              allow_failed=args.allow_failed)
+                              allow_failed=args.allow_failed, verify_hashes=not args.skip_hash)
     sidecar = result.sidecar
     rows = [("target", f"{target.name} (SM {', '.join(sidecar.compute_capabilities)})"),
             ("builder", f"{sidecar.flavour} {sidecar.tensorrt_version} (CUDA {sidecar.cuda})"),
@@ -385,7 +386,7 @@ def _visualize(args: argparse.Namespace) -> int:
 
     from aot_export.export import solve_config
 
-    artifact = resolve_artifact(args.model)
+    artifact = resolve_artifact(args.model, verify_hashes=not args.skip_hash)
     adapter = model_adapter(artifact)
     cfg = (artifact.manifest.aot if artifact.manifest is not None else
            solve_config(adapter.aot_frames(args.frames), args.retention, args.anchors, args.pooled_anchors,
@@ -415,7 +416,8 @@ def _demo(args: argparse.Namespace) -> int:
     from runtime.demo import run_demo
 
     videos = args.video or sorted(Path(DEMO_FOOTAGE).glob("*.mp4"))
-    report = run_demo(workdir=Path(args.workdir), videos=videos, progress=not args.quiet)
+    report = run_demo(workdir=Path(args.workdir), videos=videos, progress=not args.quiet,
+                      verify_hashes=not args.skip_hash)
     print(report.table())
     write_json(args.json, report.to_dict())
     return EXIT_OK if report.passed else EXIT_FAILED
@@ -493,8 +495,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         check_output_file(args.json, "--json")        # before the work, not after it
-        with hashes_skipped(args.skip_hash):
-            return COMMANDS[args.command].run(args)
+        return COMMANDS[args.command].run(args)
     except OSError as exc:
         if args.debug:
             traceback.print_exc()

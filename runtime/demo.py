@@ -74,9 +74,10 @@ class DemoReport:
 
 
 def run_demo(workdir: Path, videos: Sequence[str | Path] = (), progress: bool = True,
-             force: bool = True) -> DemoReport:
+             force: bool = True, *, verify_hashes: bool = True) -> DemoReport:
     """Export, check and validate the built-in model on `videos` (a clip synthesized with PyAV when none).
-    `force`: a rerun replaces the demo's own earlier export (anything else at `workdir/export` is refused)."""
+    `force`: a rerun replaces the demo's own earlier export (anything else at `workdir/export` is refused);
+    `verify_hashes`: check and validate compare the export's sha256 with its manifest (sizes always)."""
     from engines.check import check_export
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -88,11 +89,12 @@ def run_demo(workdir: Path, videos: Sequence[str | Path] = (), progress: bool = 
     export = export_vision_aot(adapter, cfg, workdir / "export", progress=progress, force=force)
     seconds = {"export": export.seconds}
     start = time.perf_counter()
-    check = check_export(export.directory)
+    check = check_export(export.directory, verify_hashes=verify_hashes)
     seconds["check"] = {"onnx + lint + tensorrt": time.perf_counter() - start}
     validations = []
     for path in videos:
-        report = validate_export(export.directory, path, model=adapter, progress=progress)
+        report = validate_export(export.directory, path, model=adapter, progress=progress,
+                                 verify_hashes=verify_hashes)
         seconds[f"validate {path.name}"] = report.seconds
         validations.append(report)
     return DemoReport(cfg, check, validations, seconds, export.directory, videos[0])

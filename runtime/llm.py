@@ -93,23 +93,25 @@ class TransformersDecoder:
 
 @dataclass
 class OnnxDecoder:
-    """The device runtime's `OrtDecoder` (IOBinding KV loop), fed the adapter's embeddings."""
+    """The device runtime's `OrtDecoder` (IOBinding KV loop), fed the adapter's embeddings; `verify_hashes`: the
+    files' sha256 checked against llm.json (sizes always)."""
 
     directory: Path
     adapter: object
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    verify_hashes: bool = True
     name: str = field(init=False)
 
     def __post_init__(self) -> None:
         self.directory = Path(self.directory)
-        manifest = read_llm_manifest(self.directory)
+        manifest = read_llm_manifest(self.directory, verify_hashes=self.verify_hashes)
         hidden = self.adapter.info.hidden
         if manifest["hidden_size"] != hidden or manifest["config_hash"] != self.adapter.info.config_hash:
             raise InputError(f"{self.directory} was built from {manifest['model_id']} (hidden "
                              f"{manifest['hidden_size']}, config {manifest['config_hash']}), not from "
                              f"{self.adapter.info.model_id} (hidden {hidden}, config "
                              f"{self.adapter.info.config_hash}); rebuild it with `aot-export quantize-llm`")
-        self.core = OrtDecoder(self.directory, tuple(self.providers))
+        self.core = OrtDecoder(self.directory, tuple(self.providers), verify_hashes=self.verify_hashes)
         self.name, self.settings = self.core.name, self.core.settings
 
     def generate(self, embeds: Tensor, max_new_tokens: int, eos: int | None = None,
@@ -152,13 +154,14 @@ def build_onnx_decoder(adapter, out_dir: str | os.PathLike, precision: str = "in
     return out_dir
 
 
-def load_llm(spec: str, adapter) -> TransformersDecoder | OnnxDecoder:
-    """`transformers` (fp32), `transformers-int8`, or the directory of an ONNX LLM."""
+def load_llm(spec: str, adapter, *, verify_hashes: bool = True) -> TransformersDecoder | OnnxDecoder:
+    """`transformers` (fp32), `transformers-int8`, or the directory of an ONNX LLM (`verify_hashes`: its sha256
+    checked against llm.json; sizes always)."""
     if spec == "transformers":
         return TransformersDecoder(adapter)
     if spec == "transformers-int8":
         return TransformersDecoder(adapter, int8=True)
     if Path(spec).is_dir():
-        return OnnxDecoder(Path(spec), adapter)
+        return OnnxDecoder(Path(spec), adapter, verify_hashes=verify_hashes)
     raise InputError(f"--llm {spec!r}: use transformers, transformers-int8 or an ONNX LLM directory "
                      "(`aot-export quantize-llm`)")

@@ -27,20 +27,23 @@ DEFAULT_FRAMES = 32
 
 
 class Pipeline:
-    """Holds an active vision runner: use it as a context manager (or call `close()`)."""
+    """Holds an active vision runner: use it as a context manager (or call `close()`). `verify_hashes`: the
+    artifacts' sha256 checked on load (sizes always)."""
 
     def __init__(self, model: str, backend: str | None = None, llm: str = "transformers-int8", device: str = "auto",
-                 reduce: bool = True, adapter: Any = None, export: str | None = None, allow_failed: bool = False):
-        artifact = resolve_artifact(model, export)
+                 reduce: bool = True, adapter: Any = None, export: str | None = None, allow_failed: bool = False, *,
+                 verify_hashes: bool = True):
+        artifact = resolve_artifact(model, export, verify_hashes=verify_hashes)
         self.reduce = reduce
         self.adapter = model_adapter(artifact, adapter)
         self.manifest = artifact.manifest
         self.warning = self.manifest and refuse_failed_calibration(self.manifest, model, allow_failed)
-        self.vision = open_runner(artifact, backend, device, self.adapter) if reduce else None
+        self.vision = (open_runner(artifact, backend, device, self.adapter, verify_hashes=verify_hashes) if reduce
+                       else None)
         self.frames = self.manifest.video_frames if self.manifest else DEFAULT_FRAMES
         self.preprocessing: Preprocessing = (self.manifest.preprocessing if self.manifest
                                              else self.adapter.preprocessing)
-        self.llm = load_llm(llm, self.adapter)
+        self.llm = load_llm(llm, self.adapter, verify_hashes=verify_hashes)
         self.eos = self.adapter.tokenizer.eos_token_id
         if self.vision is not None:
             self.vision.activate()

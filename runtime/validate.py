@@ -73,15 +73,16 @@ class ValidationReport:
 
 def validate_export(directory: str | os.PathLike, video: str | os.PathLike, model: str | ModelAdapter | None = None,
                     device: str = "auto", progress: bool = True, backend: str | None = None,
-                    export: str | os.PathLike | None = None) -> ValidationReport:
+                    export: str | os.PathLike | None = None, *, verify_hashes: bool = True) -> ValidationReport:
     """`directory` (export or engine dir; `export`: the export an engine dir is checked against) on `backend`
-    against the reference model (`model`, default: the one the manifest names)."""
-    artifact = resolve_artifact(directory, export)
+    against the reference model (`model`, default: the one the manifest names); `verify_hashes`: the artifacts'
+    sha256 checked on load (sizes always)."""
+    artifact = resolve_artifact(directory, export, verify_hashes=verify_hashes)
     if artifact.manifest is None:
-        read_manifest(directory)            # refuses it, saying what an export directory is
+        read_manifest(directory, verify_hashes=verify_hashes)     # refuses it, saying what an export directory is
     manifest = artifact.manifest
     adapter = model_adapter(artifact, model)
-    runner = open_runner(artifact, backend, device, adapter)          # refusals before any decoding
+    runner = open_runner(artifact, backend, device, adapter, verify_hashes=verify_hashes)   # refusals before decoding
     stages = Stages(["decode + preprocess", "deployed", "reference", "compare"], progress)
     with stages.step():
         pixels = preprocess_frames(decode_frames(video, manifest.video_frames), manifest.preprocessing)

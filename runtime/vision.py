@@ -3,7 +3,8 @@
 `resolve_artifact(path)`: an engine directory (its sidecar's copy of the export's manifest; the export it was
 built from when given or found beside it), an export directory (its manifest) or a model (built-in name or
 checkpoint directory). `model_adapter` loads the model behind any of them, refused if its config is not the one
-exported. `run`, `validate` and `visualize` all take what this resolves.
+exported. `run`, `validate` and `visualize` all take what this resolves. Both verify what they load against its
+manifest or sidecar: sizes always, sha256 unless `verify_hashes=False` (the CLI's --skip-hash).
 
 Vision backends are runners (`aot_export.runners` interface, Polygraphy-style activate / infer / deactivate),
 chosen from `RUNNERS` by backend name; the default backend follows the artifact (engine → tensorrt, export →
@@ -50,7 +51,8 @@ def artifact_kind(path: str | os.PathLike) -> str:
     return "model"
 
 
-def resolve_artifact(path: str | os.PathLike, export: str | os.PathLike | None = None) -> Artifact:
+def resolve_artifact(path: str | os.PathLike, export: str | os.PathLike | None = None, *,
+                     verify_hashes: bool = True) -> Artifact:
     """What `--model`/DIR names. For an engine, `export` (or the export found beside it, see
     `engines.sidecar.find_export`) is the export it is checked against before it runs."""
     path = str(path)
@@ -58,11 +60,11 @@ def resolve_artifact(path: str | os.PathLike, export: str | os.PathLike | None =
     if export is not None and kind != "engine":
         raise InputError(f"--export names the export an engine was built from; {path} is not an engine directory")
     if kind == "engine":
-        sidecar = read_sidecar(path)
+        sidecar = read_sidecar(path, verify_hashes=verify_hashes)
         export_dir = Path(export) if export is not None else find_export(path, sidecar)
         return Artifact(path, kind, Manifest.from_dict(sidecar.manifest), export_dir)
     if kind == "export":
-        return Artifact(path, kind, read_manifest(path), Path(path))
+        return Artifact(path, kind, read_manifest(path, verify_hashes=verify_hashes), Path(path))
     return Artifact(path, kind, None, None)
 
 
@@ -81,7 +83,7 @@ def model_adapter(artifact: Artifact, model: str | ModelAdapter | None = None) -
 
 
 def open_runner(artifact: Artifact, backend: str | None = None, device: str = "auto",
-                adapter: ModelAdapter | None = None, **options: Any) -> VisionRunner:
+                adapter: ModelAdapter | None = None, *, verify_hashes: bool = True, **options: Any) -> VisionRunner:
     """The (inactive) vision runner of `backend` for the artifact; `options` go to the ONNX Runtime runner's
     session options (intra_op_threads, allow_spinning)."""
     backend = backend or DEFAULT_BACKEND[artifact.kind]
@@ -91,15 +93,17 @@ def open_runner(artifact: Artifact, backend: str | None = None, device: str = "a
         if artifact.kind != "engine":
             raise InputError(f"{artifact.path} is not an engine directory; build one with `aot-export build`, or "
                              "choose --backend onnxruntime/torch")
-        return TensorRTRunner(artifact.path, artifact.export_dir)
+        return TensorRTRunner(artifact.path, artifact.export_dir, verify_hashes=verify_hashes)
     if backend == "onnxruntime":
         if artifact.kind != "export":
             raise InputError(f"{artifact.path} is not an export directory; export one with `aot-export export`, or "
                              "choose --backend torch")
-        return OnnxRuntimeRunner.from_export(artifact.path, device, artifact.manifest, **options)
+        return OnnxRuntimeRunner.from_export(artifact.path, device, artifact.manifest, verify_hashes=verify_hashes,
+                                             **options)
     if adapter is None:
         raise InputError("the torch backend needs the model; pass --model with a model or an export directory")
     if artifact.kind == "engine" and artifact.export_dir is not None:
-        check_against_export(read_sidecar(artifact.path), read_manifest(artifact.export_dir))
+        check_against_export(read_sidecar(artifact.path, verify_hashes=verify_hashes),
+                             read_manifest(artifact.export_dir, verify_hashes=verify_hashes))
     cfg = artifact.manifest.aot if artifact.manifest is not None else AOTConfig(grid=adapter.info.grid)
     return TorchReferenceRunner(adapter, cfg)

@@ -152,6 +152,26 @@ def test_bad_bundles_refused_in_one_line(bundle, clip, tmp_path, capsys, edit, w
     assert code == EXIT_BAD_INPUT and words in err and len(err.strip().splitlines()) == 1
 
 
+def test_skip_hash_checks_a_bundle_by_presence_and_sizes_only(bundle, clip, tmp_path, capsys):
+    """A weight byte flipped in place (same size): refused, unless --skip-hash (the bundle's and llm.json's sha256
+    both skipped); a missing file is refused even then."""
+    def flip(d):
+        data = bytearray((d / "llm/model.onnx.data").read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (d / "llm/model.onnx.data").write_bytes(bytes(data))
+
+    flipped = edited_copy(bundle, tmp_path, flip)
+    with pytest.raises(InputError, match="llm/model.onnx.data was altered"):
+        read_bundle(flipped)
+    assert read_bundle(flipped, verify_hashes=False).directory == flipped
+    run = ["run", "--model", str(flipped), "--video", str(clip), "--prompt", PROMPT, "--max-new-tokens", "2"]
+    assert main(run) == EXIT_BAD_INPUT and "was altered" in capsys.readouterr().err
+    assert main([*run, "--skip-hash"]) == EXIT_OK, capsys.readouterr().err
+    (flipped / "text/image_newline.npy").unlink()
+    with pytest.raises(InputError, match="text/image_newline.npy is missing"):
+        read_bundle(flipped, verify_hashes=False)
+
+
 def test_bundle_refuses_an_llm_from_another_model(tiny, tiny_export, tiny_llm, tmp_path):
     other = tmp_path / "other-llm"
     shutil.copytree(tiny_llm, other)

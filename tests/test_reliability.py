@@ -18,7 +18,7 @@ from aot_export.artifacts import (atomic_dir, check_destination, check_output_fi
                                   destination_lock, sweep_stale)
 from aot_export.errors import InputError
 from aot_export.export import export_vision_aot
-from aot_export.manifest import MANIFEST, hashes_skipped, read_manifest
+from aot_export.manifest import MANIFEST, read_manifest
 from conftest import TINY_CFG
 from runtime.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, main
 
@@ -355,12 +355,14 @@ def test_check_reports_tampering_and_edited_counts_as_findings(tiny_export, tmp_
     assert main(["check", str(flipped), "--no-tensorrt"]) == EXIT_FAILED
     assert "sha256 differs" in capsys.readouterr().out
     assert main(["check", str(flipped), "--no-tensorrt", "--skip-hash"]) == EXIT_OK   # sizes only, as asked
-    with hashes_skipped():
-        read_manifest(flipped)
+    with pytest.raises(InputError, match="sha256 differs"):
+        read_manifest(flipped)                                    # verified by default
+    read_manifest(flipped, verify_hashes=False)
     with open(flipped / "vision_aot.onnx.data", "ab") as handle:
         handle.write(b"x")
-    with hashes_skipped(), pytest.raises(InputError, match="bytes, the manifest says"):
-        read_manifest(flipped)                                    # a size is checked even then
+    with pytest.raises(InputError, match="bytes, the manifest says"):
+        read_manifest(flipped, verify_hashes=False)               # a size is checked even then
+    assert main(["check", str(flipped), "--no-tensorrt", "--skip-hash"]) == EXIT_FAILED
 
 
 # ---- 5. a failed calibration is refused downstream ------------------------------------------------------------------

@@ -6,9 +6,10 @@ bundle.json), `llm/` (the int4 ONNX decoder with its llm.json and genai_config.j
 `text/embeddings.npy` (the LLM's input table [V, H]), `text/image_newline.npy` [H], `bundle.json`.
 
 Refused, each with one line naming the problem and the fix (`InputError`, exit 2): a file listed in bundle.json
-that is missing or whose sha256 differs; parts whose model config hash differs from the bundle's (vision manifest
-or engine sidecar, llm.json) or whose width differs from the LLM's; an engine whose sidecar does not name the
-bundle's export graph; a runtime dependency the bundle needs that is not installed.
+that is missing or whose sha256 differs (unless `verify_hashes=False`, the CLI's --skip-hash); parts whose model
+config hash differs from the bundle's (vision manifest or engine sidecar, llm.json) or whose width differs from the
+LLM's; an engine whose sidecar does not name the bundle's export graph; a runtime dependency the bundle needs that
+is not installed.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def is_bundle(path: str | os.PathLike) -> bool:
     return (Path(path) / BUNDLE).is_file()
 
 
-def read_bundle(directory: str | os.PathLike, verify: bool = True) -> Bundle:
+def read_bundle(directory: str | os.PathLike, *, verify_hashes: bool = True) -> Bundle:
+    """bundle.json, refused unless every file it lists is there and (with `verify_hashes`) has its sha256."""
     directory = Path(directory)
     path = directory / BUNDLE
     if not path.is_file():
@@ -73,8 +75,7 @@ def read_bundle(directory: str | os.PathLike, verify: bool = True) -> Bundle:
                          "the bundle with this version of aot-export")
     bundle = Bundle(directory, data)
     check_runtime(bundle)
-    if verify:
-        check_files(bundle)
+    check_files(bundle, verify_hashes)
     check_model(bundle)
     return bundle
 
@@ -91,13 +92,13 @@ def check_runtime(bundle: Bundle) -> None:
                              "instead of an engine")
 
 
-def check_files(bundle: Bundle) -> None:
+def check_files(bundle: Bundle, hashes: bool) -> None:
     for name, digest in bundle.data["files"].items():
         file = bundle.path(name)
         if not file.is_file():
             raise InputError(f"{bundle.directory}: {name} is missing; restore it or rebuild the bundle with "
                              "`aot-export bundle`")
-        if sha256_file(file) != digest:
+        if hashes and sha256_file(file) != digest:
             raise InputError(f"{bundle.directory}: {name} was altered (sha256 differs from bundle.json); restore it "
                              "or rebuild the bundle with `aot-export bundle`")
 

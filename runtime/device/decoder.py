@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 
 from aot_export.errors import InputError
-from aot_export.manifest import VERIFY_HASHES, file_findings, read_json_object
+from aot_export.manifest import file_findings, read_json_object
 from aot_export.runners import session_options
 
 LLM_MANIFEST = "llm.json"
@@ -57,9 +57,9 @@ def greedy(step: Callable[[np.ndarray], np.ndarray], embed: Callable[[int], np.n
     return tokens, logits
 
 
-def read_llm_manifest(directory: str | os.PathLike, verify: bool | None = None) -> dict:
-    """`llm.json`, refused unless every file it names is there with its recorded size and (unless `verify` is
-    False or hashes are skipped) sha256."""
+def read_llm_manifest(directory: str | os.PathLike, *, verify_hashes: bool = True) -> dict:
+    """`llm.json`, refused unless every file it names is there with its recorded size and (with `verify_hashes`)
+    sha256."""
     directory = Path(directory)
     path = directory / LLM_MANIFEST
     if not path.is_file():
@@ -68,8 +68,7 @@ def read_llm_manifest(directory: str | os.PathLike, verify: bool | None = None) 
     files, sizes = manifest.get("files"), manifest.get("sizes", {})
     if not isinstance(files, dict) or not isinstance(sizes, dict) or not files:
         raise InputError(f"{path}: names no files with their sha256; rebuild it with `aot-export quantize-llm`")
-    hashes = VERIFY_HASHES.get() if verify is None else verify
-    findings = file_findings(directory, files, sizes, hashes)
+    findings = file_findings(directory, files, sizes, verify_hashes)
     if findings:
         raise InputError(f"{directory}: {findings[0]}; the LLM was changed after it was built: rebuild it with "
                          "`aot-export quantize-llm` or restore it")
@@ -99,13 +98,15 @@ class Positions:
 
 @dataclass
 class OrtDecoder:
-    """An ONNX LLM directory (`llm.json` + genai_config.json + the graph) on ONNX Runtime."""
+    """An ONNX LLM directory (`llm.json` + genai_config.json + the graph) on ONNX Runtime; `verify_hashes`: its
+    files' sha256 checked against llm.json (sizes always)."""
 
     directory: Path
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     kv: str = "bound"
     intra_op_threads: int | None = None
     allow_spinning: bool = False
+    verify_hashes: bool = True
     manifest: dict = field(init=False)
     name: str = field(init=False)
 
@@ -115,7 +116,7 @@ class OrtDecoder:
         if self.kv not in KV_MODES:
             raise InputError(f"kv {self.kv!r}: choose one of {', '.join(KV_MODES)}")
         self.directory = Path(self.directory)
-        self.manifest = read_llm_manifest(self.directory)
+        self.manifest = read_llm_manifest(self.directory, verify_hashes=self.verify_hashes)
         built_for = self.manifest.get("execution_provider", "cpu")
         if built_for != "cpu" and self.providers == ("CPUExecutionProvider",):
             raise InputError(f"{self.directory} was built for the {built_for} execution provider and cannot run on "

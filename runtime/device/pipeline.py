@@ -7,7 +7,6 @@ stage. The reference it is validated against is `runtime.pipeline.Pipeline` (PyT
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from aot_export.errors import InputError
-from aot_export.manifest import MANIFEST, Manifest
+from aot_export.manifest import read_manifest
 from aot_export.preprocess import Preprocessing, preprocess_frames
 from aot_export.report import format_table
 from aot_export.runners import OnnxRuntimeRunner, VisionRunner, onnxruntime_providers
@@ -88,11 +87,12 @@ def measure(pipeline: Any, video: str | os.PathLike, prompt: str, max_new_tokens
 
 
 class DevicePipeline:
-    """Holds an active vision runner and the LLM session: a context manager (or call `close()`)."""
+    """Holds an active vision runner and the LLM session: a context manager (or call `close()`). `verify_hashes`:
+    every file's sha256 checked against the bundle's records (sizes of the vision and LLM parts always)."""
 
     def __init__(self, bundle: str | os.PathLike | Bundle, device: str = "auto", intra_op_threads: int | None = None,
-                 allow_spinning: bool = False, kv: str = "bound", verify: bool = True):
-        self.bundle = bundle if isinstance(bundle, Bundle) else read_bundle(bundle, verify=verify)
+                 allow_spinning: bool = False, kv: str = "bound", *, verify_hashes: bool = True):
+        self.bundle = bundle if isinstance(bundle, Bundle) else read_bundle(bundle, verify_hashes=verify_hashes)
         data, root = self.bundle.data, self.bundle.directory
         self.preprocessing = Preprocessing.from_dict(data["preprocessing"])
         self.frames = data["frames"]
@@ -100,22 +100,24 @@ class DevicePipeline:
         self.text = DeviceText(root / TOKENIZER, root / EMBEDDINGS, root / NEWLINE,
                                PromptText(text["chat"]["before"], text["chat"]["after"], text["video_token_id"],
                                           tuple(text["special_tokens"])), text["eos_token_id"])
-        self.vision = self._vision(device, intra_op_threads, allow_spinning)
+        self.vision = self._vision(device, intra_op_threads, allow_spinning, verify_hashes)
         providers = onnxruntime_providers(device)
         self.llm = OrtDecoder(root / LLM_DIR, tuple(providers), kv=kv, intra_op_threads=intra_op_threads,
-                              allow_spinning=allow_spinning)
+                              allow_spinning=allow_spinning, verify_hashes=verify_hashes)
         self.vision.activate()
         self.settings = {"vision": self.vision.settings, "llm": self.llm.settings}
 
-    def _vision(self, device: str, intra_op_threads: int | None, allow_spinning: bool) -> VisionRunner:
+    def _vision(self, device: str, intra_op_threads: int | None, allow_spinning: bool,
+                verify_hashes: bool) -> VisionRunner:
         vision_dir = self.bundle.path(VISION_DIR)
         if self.bundle.vision_kind == "engine":
             from engines.runner import TensorRTRunner
             from engines.sidecar import check_against_export, read_sidecar
 
-            check_against_export(read_sidecar(vision_dir), self.bundle.export_manifest)
-            return TensorRTRunner(vision_dir)
-        manifest = Manifest.from_dict(json.loads((vision_dir / MANIFEST).read_text()))   # hashed in bundle.json
+            check_against_export(read_sidecar(vision_dir, verify_hashes=verify_hashes), self.bundle.export_manifest)
+            return TensorRTRunner(vision_dir, verify_hashes=verify_hashes)
+        # Its sha256 are bundle.json's (checked above unless skipped); its consistency and sizes are checked here.
+        manifest = read_manifest(vision_dir, verify_hashes=False)
         # No arena: the graph's activations (≈0.8 GB at full size, 8 frames) are freed before the LLM runs.
         return OnnxRuntimeRunner.from_export(vision_dir, device, manifest, intra_op_threads=intra_op_threads,
                                              allow_spinning=allow_spinning, memory_arena=False)

@@ -29,7 +29,7 @@ STAGING_SUFFIX = ".partial"
 SPACE_MARGIN = 16 << 20
 
 
-def _default_mode(kind: int) -> int:
+def default_mode(kind: int) -> int:
     """mkdtemp/mkstemp create private (0700/0600) entries; artifacts get the modes a plain mkdir/open would."""
     umask = os.umask(0)
     os.umask(umask)
@@ -189,7 +189,7 @@ def atomic_dir(target: str | os.PathLike, kind: str = "export", force: bool = Fa
         sweep_stale(target)
         check_destination(target, kind, force)
         staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(target), suffix=STAGING_SUFFIX, dir=target.parent))
-        staging.chmod(_default_mode(0o777))
+        staging.chmod(default_mode(0o777))
         try:
             yield staging
             check_destination(target, kind, force)
@@ -216,7 +216,7 @@ def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
     fd, name = tempfile.mkstemp(prefix=_staging_prefix(target), suffix=STAGING_SUFFIX, dir=target.parent)
     os.close(fd)
     staging = Path(name)
-    staging.chmod(_default_mode(0o666))
+    staging.chmod(default_mode(0o666))
     try:
         yield staging
         os.replace(staging, target)

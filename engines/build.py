@@ -27,7 +27,7 @@ from .loaders import (BuildSettings, build_engine, builder_config, constrain_fp3
 from .flavours import FLAVOURS, TensorRTUnavailable, cuda_major, load_tensorrt
 from .precision import export_fp16, fp32_nodes
 from .sidecar import PLAN, SIDECAR, EngineSidecar
-from .targets import Target, get_target
+from .targets import PRECISIONS, Target, get_target
 
 FP16_EXPORT = "onnx"
 FP8_MIN_CAPABILITY = 8.9
@@ -71,6 +71,9 @@ def check_source(manifest: Manifest, settings: BuildSettings, export_dir: Path) 
     want = source_precision(settings)
     if manifest.precision == "fp16" and settings.precision == "fp16" and settings.typing == "strong":
         return
+    if manifest.precision not in PRECISIONS:
+        raise InputError(f"{export_dir} is an {manifest.precision} export, which only ONNX Runtime runs; build the "
+                         "engine from the fp32 export it was made from")
     if manifest.precision != want:
         fix = ("run `aot-export calibrate` first" if want in ("int8", "fp8")
                else f"build {manifest.precision} from it, or pass the fp32 export")

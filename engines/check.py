@@ -18,6 +18,7 @@ from aot_export.report import format_table
 
 from .loaders import build_engine, builder_config, parse_onnx
 from .flavours import TensorRTUnavailable, load_tensorrt
+from .targets import PRECISIONS
 
 OK, FINDING, SKIPPED = "ok", "finding", "skipped"
 
@@ -78,7 +79,10 @@ def check_export(directory: str | os.PathLike, tensorrt: bool = True, workspace_
     declared = {t.name: (t.shape, t.dtype) for t in [*manifest.inputs, *manifest.outputs]}
     report.add("interface", interface_findings(model, declared),
                "; ".join(f"{t.name} {list(t.shape)} {t.dtype}" for t in [*manifest.inputs, *manifest.outputs]))
-    if tensorrt:
+    if tensorrt and manifest.precision not in PRECISIONS:
+        report.rows.append(CheckRow("tensorrt", SKIPPED, f"an {manifest.precision} export runs on ONNX Runtime only "
+                                                         "(engines are built from the fp32 export)"))
+    elif tensorrt:
         check_tensorrt(report, graph, workspace_bytes)
     return report
 

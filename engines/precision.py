@@ -17,6 +17,7 @@ from aot_export.onnx_scopes import FP32_SCOPES
 from aot_export.artifacts import atomic_dir
 from aot_export.errors import InputError
 from aot_export.manifest import hash_files, read_manifest
+from aot_export.onnx_io import save_graph
 from aot_export.onnx_scopes import node_scope
 
 FP32_OPS = ("LayerNormalization", "Softmax", "ReduceMean", "Pow", "Sqrt", "Erf")
@@ -73,9 +74,7 @@ def export_fp16(source: str | os.PathLike, out_dir: str | os.PathLike, *, verify
     model = onnx.load(str(source / manifest.graph))
     converted = convert_fp16(model)
     with atomic_dir(out_dir) as staging:
-        onnx.save(converted, str(staging / manifest.graph), save_as_external_data=True,
-                  location=manifest.graph + ".data", size_threshold=1024)
-        names = [manifest.graph, manifest.graph + ".data"]
+        names = [f.name for f in save_graph(converted, staging / manifest.graph)]
         extra = {**manifest.extra, "fp16": {"converter": "onnxruntime.transformers.float16",
                                             "fp32_scopes": list(FP32_SCOPES), "fp32_ops": list(FP32_OPS),
                                             "source_sha256": manifest.files[manifest.graph]}}

@@ -277,6 +277,27 @@ def _add_quantize_llm(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="replace an existing ONNX LLM at --out")
 
 
+def _quantize_weights(args: argparse.Namespace) -> int:
+    from calibration.weight_only import quantize_weights
+
+    out = quantize_weights(args.dir, args.out, block_size=args.block_size, force=args.force,
+                           verify_hashes=not args.skip_hash)
+    size, source_size = (sum(p.stat().st_size for p in Path(d).iterdir()) for d in (out, args.dir))
+    print(format_table([("source", args.dir), ("weights", f"8-bit blocks of {args.block_size} rows (MatMulNBits)"),
+                        ("size", f"{source_size / 1e6:.1f} MB → {size / 1e6:.1f} MB"), ("written", str(out))],
+                       ("quantize-weights", "")))
+    write_json(args.json, {"directory": str(out), "bytes": size})
+    return EXIT_OK
+
+
+def _add_quantize_weights(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dir", help="fp32 export directory (with manifest.json)")
+    parser.add_argument("--out", required=True,
+                        help="the new export directory (new, empty, or an export with --force)")
+    parser.add_argument("--block-size", type=int, default=32, help="input rows per fp32 scale (32)")
+    parser.add_argument("--force", action="store_true", help="replace an existing export at --out")
+
+
 def _calibrate(args: argparse.Namespace) -> int:
     from calibration import calibrate_export
 
@@ -450,6 +471,8 @@ COMMANDS: dict[str, Command] = {
     "validate": Command("run the export on a video against the PyTorch reference", _add_validate, _validate),
     "calibrate": Command("INT8/FP8 Q/DQ export calibrated on real video, fidelity on a held-out one",
                          _add_calibrate, _calibrate),
+    "quantize-weights": Command("8-bit weight-only export for ONNX Runtime devices (MatMulNBits, no calibration)",
+                                _add_quantize_weights, _quantize_weights),
     "build": Command("build a TensorRT engine for a target from an export", _add_build, _build),
     "quantize-llm": Command("build an int4 ONNX decoder of the checkpoint's LLM (onnxruntime-genai)",
                             _add_quantize_llm, _quantize_llm),
@@ -461,6 +484,10 @@ COMMANDS: dict[str, Command] = {
     "bundle": Command("export/engine + ONNX LLM → one directory the device runtime runs (no torch)",
                       _add_bundle, _bundle),
 }
+
+
+# commands that read no artifact, so have no hash to skip
+WRITES_ONLY = ("export", "quantize-llm", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -477,8 +504,9 @@ def build_parser() -> argparse.ArgumentParser:
         child.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON")
         child.add_argument("--quiet", action="store_true", help="no progress bars")
         child.add_argument("--debug", action="store_true", help="show tracebacks")
-        child.add_argument("--skip-hash", action="store_true",
-                           help="check artifacts' file sizes only, not their sha256 (faster on large models)")
+        if name not in WRITES_ONLY:
+            child.add_argument("--skip-hash", action="store_true",
+                               help="check artifacts' file sizes only, not their sha256 (faster on large models)")
     return parser
 
 

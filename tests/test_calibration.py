@@ -345,3 +345,59 @@ def test_comparator_refuses_outputs_of_another_config():
         compare_outputs(CFG, ref, short)
     with pytest.raises(InputError, match="the config says"):
         compare_outputs(CFG, short, short)
+
+
+# ---- weight-only int8 (ONNX Runtime's MatMulNBits) -----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def weights8(tiny_export, tmp_path_factory):
+    from calibration.weight_only import quantize_weights
+
+    return quantize_weights(tiny_export, tmp_path_factory.mktemp("w8") / "tiny-w8")
+
+
+def test_weight_only_quantizes_tower_and_projector_only(tiny_export, weights8):
+    from aot_export.onnx_scopes import FP32_SCOPES, node_scope
+
+    manifest = read_manifest(weights8)
+    assert manifest.precision == "int8-weights"
+    assert manifest.extra["weight_only"]["bits"] == 8
+    assert manifest.extra["weight_only"]["source_sha256"] == read_manifest(tiny_export).files[GRAPH]
+    model = onnx.load(str(weights8 / GRAPH), load_external_data=False)
+    quantized = [n.name.removesuffix("_Q8") for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert len(quantized) == manifest.extra["weight_only"]["quantized_matmuls"] > 0
+    source = onnx.load(str(tiny_export / GRAPH), load_external_data=False)
+    scopes = {n.name: node_scope(n) for n in source.graph.node}
+    assert {scopes[name] for name in quantized} == {"tower", "projector"}
+    weights = {i.name for i in source.graph.initializer}
+    kept = [n.name for n in source.graph.node
+            if n.op_type == "MatMul" and n.input[1] in weights and node_scope(n) in FP32_SCOPES]
+    assert kept and set(kept) <= {n.name for n in model.graph.node if n.op_type == "MatMul"}
+    # another account can read what it can see (ONNX writes external data 0600)
+    assert all(p.stat().st_mode & 0o044 == 0o044 for p in weights8.iterdir())
+
+
+def test_weight_only_output_against_the_reference(tiny, weights8, shared_videos):
+    """ONNX Runtime runs the MatMulNBits graph; every token it shares with the reference is within the int8 gate.
+    (The anchor-agreement gate is not asserted: on random weights it sits at the fp32 graph's own noise floor,
+    docs/benchmarks.md.)"""
+    from runtime.validate import validate_export
+
+    report = validate_export(weights8, shared_videos[0], progress=False)
+    assert report.precision == "int8-weights" and report.gates == VISION_GATES["int8-weights"]
+    assert report.metrics["matched_cosine_min"] >= VISION_GATES["int8-weights"].floors["matched_cosine_min"]
+    assert report.metrics["cell_agreement"] > 0.8
+
+
+@pytest.mark.parametrize("args, words", [
+    (["quantize-weights", "{w8}", "--out", "{tmp}/again"], "from an fp32 export"),
+    (["quantize-weights", "{export}", "--out", "{tmp}/x", "--block-size", "7"], "--block-size 7"),
+    (["build", "{w8}", "--target", "rtx", "--precision", "fp32", "--out", "{tmp}/engine"], "only ONNX Runtime runs"),
+])
+def test_weight_only_refusals(tiny_export, weights8, tmp_path, capsys, args, words):
+    from runtime.cli import main
+
+    args = [a.format(w8=weights8, export=tiny_export, tmp=tmp_path) for a in args]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert words in err and len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []

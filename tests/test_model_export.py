@@ -12,7 +12,7 @@ import torch
 
 from aot_export import AOTConfig
 from aot_export.adapters import load_model
-from aot_export.adapters.llava_onevision import attention_received
+from aot_export.adapters.llava_onevision import layer_attention_received
 from conftest import TINY_CFG
 from runtime.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, main
 from aot_export.export import export_vision_aot
@@ -81,13 +81,13 @@ def test_preprocessing_from_processor_config(tmp_path):
 
 # ---- scores ---------------------------------------------------------------------------------------------------
 def test_scores_match_hf_eager_attention(tiny):
-    """attention_received from q·k equals the attention weights Hugging Face's eager path returns."""
+    """layer_attention_received from q·k equals the attention weights Hugging Face's eager path returns."""
     frames = tiny.example_frames(2, seed=1)
     tower = tiny._eager()
     with torch.inference_mode():
         out = tower(frames, output_hidden_states=True, output_attentions=True)
         for layer in tiny.score_layers:
-            mine = attention_received(tiny.model.model.vision_tower.encoder.layers[layer], out.hidden_states[layer])
+            mine = layer_attention_received(tiny.model.model.vision_tower.encoder.layers[layer], out.hidden_states[layer])
             theirs = out.attentions[layer].sum(-2).mean(1)
             torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
     assert tiny.score_layers == (5, 6)      # shallow 5; deep −2 of the 8-layer tower the LLM sees

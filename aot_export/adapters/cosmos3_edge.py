@@ -25,7 +25,8 @@ from ..preprocess import Preprocessing
 from .llava_onevision import tiny_tokenizer
 from .base import VideoLayout
 from .merged_grid import (CHAT_TEMPLATE, SPECIAL_TOKENS, MergedGridAdapter, MergedGridVisionAOT, StaticGrid,
-                          attention_weights, merged_scores, patchify, received_from_weights)
+                          merged_scores, patchify)
+from .scores import attention_received, received_from_weights
 
 SHALLOW_LAYER = 5
 DEEP_LAYER = -2
@@ -94,7 +95,7 @@ class StaticCosmosTower(nn.Module):
     def received(self, index: int, hidden: Tensor) -> Tensor:
         """[T, P] attention each patch receives in layer `index` (its input is `hidden`)."""
         q, k, _ = self.qkv(index, hidden)
-        return received_from_weights(attention_weights(q, k, self.layers[index].self_attn.scale))
+        return attention_received(q, k, self.layers[index].self_attn.scale)
 
     def forward(self, frames: Tensor) -> list[Tensor]:
         hidden = self.patch_embedding(patchify(frames, self.grid, channels_last=True)) + self.positions

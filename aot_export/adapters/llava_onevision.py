@@ -19,6 +19,7 @@ from ..errors import InputError
 from ..preprocess import Preprocessing
 from ..reducer import AOTReducer
 from .base import ModelAdapter, ModelInfo, config_hash
+from .scores import attention_received
 
 SHALLOW_LAYER = 5
 DEEP_LAYER = -2
@@ -115,7 +116,7 @@ def check_placeholders(model_id: str, config: Any, tokenizer: Any) -> None:
 ONEVISION_PREPROCESSING = Preprocessing(size=384, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
 
-def attention_received(layer: nn.Module, hidden: Tensor) -> Tensor:
+def layer_attention_received(layer: nn.Module, hidden: Tensor) -> Tensor:
     """[T, N]: the softmax attention each token receives in a SigLIP encoder layer, summed over queries and
     averaged over heads, from the layer's own q and k (its input is the previous layer's hidden state)."""
     attention = layer.self_attn
@@ -124,20 +125,19 @@ def attention_received(layer: nn.Module, hidden: Tensor) -> Tensor:
     heads = (frames, tokens, attention.num_heads, attention.head_dim)
     q = attention.q_proj(x).view(heads).transpose(1, 2)
     k = attention.k_proj(x).view(heads).transpose(1, 2)
-    weights = torch.softmax((q @ k.transpose(-1, -2)) * attention.scale, dim=-1, dtype=torch.float32)
-    return weights.sum(-2).mean(1)
+    return attention_received(q, k, attention.scale)
 
 
 class AttentionReceived(nn.Module):
-    """`attention_received` of one encoder layer, as a module so that its nodes carry the `scores` name scope in
-    the exported graph (precision tools keep them fp32). Shares the layer's weights."""
+    """`layer_attention_received` of one encoder layer, as a module so that its nodes carry the `scores` name scope
+    in the exported graph (precision tools keep them fp32). Shares the layer's weights."""
 
     def __init__(self, layer: nn.Module):
         super().__init__()
         self.layer = layer
 
     def forward(self, hidden: Tensor) -> Tensor:
-        return attention_received(self.layer, hidden)
+        return layer_attention_received(self.layer, hidden)
 
 
 def select_features(hidden_states: tuple[Tensor, ...], feature_layer: int | list[int]) -> Tensor:

@@ -88,16 +88,6 @@ def merged_scores(received: Tensor, grid: StaticGrid) -> Tensor:
     return received.reshape(received.shape[0], -1, grid.merge ** 2).sum(-1)
 
 
-def received_from_weights(weights: Tensor) -> Tensor:
-    """[B, heads, L, L] softmax attention → [B, L]: summed over queries, averaged over heads (AOT_SPEC §0)."""
-    return weights.sum(-2).mean(1)
-
-
-def attention_weights(q: Tensor, k: Tensor, scale: float) -> Tensor:
-    """[..., heads, L, d] q and k → softmax attention [..., heads, L, L] in fp32."""
-    return torch.softmax((q @ k.transpose(-1, -2)) * scale, dim=-1, dtype=torch.float32)
-
-
 class ScoreLayer(nn.Module):
     """Attention received in one tower layer, computed by the tower's own `received` for layer `index`; a module
     so that its nodes carry the `scores` name scope (precision tools keep them fp32). Shares the tower's weights."""

@@ -26,7 +26,8 @@ from ..preprocess import Preprocessing
 from .llava_onevision import tiny_tokenizer
 from .base import VideoLayout
 from .merged_grid import (CHAT_TEMPLATE, SPECIAL_TOKENS, MergedGridAdapter, MergedGridVisionAOT, StaticGrid,
-                          attention_weights, merged_scores, patchify, received_from_weights)
+                          merged_scores, patchify)
+from .scores import attention_received, received_from_weights
 
 # Fixed input of an export: 448 px gives a 16×16 merged grid (4×4 windows of 112 px) per temporal patch.
 DEFAULT_SIZE = 448
@@ -144,7 +145,7 @@ class StaticQwenTower(nn.Module):
     def received(self, index: int, hidden: Tensor) -> Tensor:
         """[steps, P] attention each patch receives in full-attention block `index` (its input is `hidden`)."""
         q, k, _ = self.qkv(index, hidden)
-        return received_from_weights(attention_weights(q, k, self.blocks[index].attn.scaling))
+        return attention_received(q, k, self.blocks[index].attn.scaling)
 
     def forward(self, frames: Tensor) -> list[Tensor]:
         patches = patchify(frames, self.grid, channels_last=False)

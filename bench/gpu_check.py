@@ -39,7 +39,9 @@ import numpy as np
 VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos"
 CLIPS = ("bigbuckbunny.mp4", "bikes.mp4")
 # built-in → video frames of its export (Qwen2.5-VL folds 2 frames into one grid)
-MODELS = {"tiny-llava-ov": 8, "tiny-qwen2.5-vl": 16, "tiny-cosmos3-edge": 8, "llava-ov-0.5b-random": 8}
+MODELS = {"tiny-llava-ov": 8, "tiny-qwen2.5-vl": 16, "tiny-cosmos3-edge": 8, "llava-ov-0.5b-random": 8,
+          "qwen2.5-vl-3b-random": 16, "cosmos3-edge-random": 8}
+DEFAULT_MODELS = ["tiny-llava-ov", "tiny-qwen2.5-vl", "tiny-cosmos3-edge", "llava-ov-0.5b-random"]
 PRECISIONS = ("fp32", "autocast-fp16", "fp16-weights")
 
 
@@ -54,12 +56,22 @@ def prepare(args) -> int:
 
     arrays = {}
     for model in args.models:
-        prep = load_model(model).preprocessing
-        for clip in CLIPS:
+        prep = preprocessing_of(model, load_model)
+        for clip in args.clips:
             arrays[frames_key(model, clip)] = resize_frames(decode_frames(VIDEOS / clip, MODELS[model]), prep)
     np.savez_compressed(args.out, **arrays)
     print(f"{args.out}: {', '.join(f'{k} {v.shape}' for k, v in arrays.items())}")
     return 0
+
+
+def preprocessing_of(model: str, load_model):
+    """The built-in's preprocessing; for the full-size merged-grid built-ins without building their 3–4 B random
+    weights (minutes and ~15 GB here) only to read it."""
+    from aot_export.adapters.cosmos3_edge import COSMOS_PREPROCESSING
+    from aot_export.adapters.qwen2_5_vl import QWEN_PREPROCESSING
+
+    unbuilt = {"qwen2.5-vl-3b-random": QWEN_PREPROCESSING, "cosmos3-edge-random": COSMOS_PREPROCESSING}
+    return unbuilt[model] if model in unbuilt else load_model(model).preprocessing
 
 
 def environment(torch) -> dict:
@@ -141,7 +153,8 @@ def timed_stages(torch, module, pixels, decoder, lm_head, lengths: dict[str, int
     return repeat_stages(run, warmup, repeat)
 
 
-def check_model(torch, model: str, frames: np.lib.npyio.NpzFile, device, warmup: int, repeat: int) -> dict:
+def check_model(torch, model: str, frames: np.lib.npyio.NpzFile, clips: list[str], device, warmup: int,
+                repeat: int) -> dict:
     from aot_export.adapters import load_model
     from aot_export.fidelity import VISION_GATES, compare_outputs, gate_checks
     from aot_export.preprocess import preprocess_frames
@@ -153,14 +166,14 @@ def check_model(torch, model: str, frames: np.lib.npyio.NpzFile, device, warmup:
     result = {"model": model, "video_frames": MODELS[model], "aot": cfg.to_dict(),
               "load_s": time.perf_counter() - start, "fidelity": {}}
     pixels = {clip: torch.from_numpy(preprocess_frames(frames[frames_key(model, clip)], adapter.preprocessing))
-              for clip in CLIPS}
+              for clip in clips}
     start = time.perf_counter()
     reference = {}
     for clip, x in pixels.items():
         tokens, index = adapter.reference(cfg, x)
         reference[clip] = {"tokens": tokens.numpy(), "index": index.numpy()}
     result["reference_cpu_s"] = time.perf_counter() - start
-    full_tokens = int(adapter.full_video_features(pixels[CLIPS[0]]).shape[0])
+    full_tokens = int(adapter.full_video_features(pixels[clips[0]]).shape[0])
 
     module = adapter.vision_aot(cfg).to(device)
     for precision in PRECISIONS:
@@ -177,7 +190,7 @@ def check_model(torch, model: str, frames: np.lib.npyio.NpzFile, device, warmup:
     decoder, lm_head = decoder.to(device, torch.float16), lm_head.to(device, torch.float16)
     lengths = {"aot": cfg.output_tokens + TEXT_TOKENS, "all_tokens": full_tokens + TEXT_TOKENS}
     result["prefill_positions"] = lengths
-    result["timings_autocast_fp16"] = timed_stages(torch, module, pixels[CLIPS[0]].to(device), decoder, lm_head,
+    result["timings_autocast_fp16"] = timed_stages(torch, module, pixels[clips[0]].to(device), decoder, lm_head,
                                                    lengths, warmup, repeat)
     return result
 
@@ -350,7 +363,7 @@ def run(args) -> int:
     for model in args.models:
         start = time.perf_counter()
         try:
-            report["models"].append(check_model(torch, model, frames, device, args.warmup, args.repeat))
+            report["models"].append(check_model(torch, model, frames, args.clips, device, args.warmup, args.repeat))
         except Exception as exc:  # noqa: BLE001 - one model's failure is recorded; the others still run
             failed.append(model)
             report["models"].append({"model": model, "error": f"{type(exc).__name__}: {exc}"})
@@ -368,12 +381,14 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare")
     p.add_argument("--out", required=True)
-    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=list(MODELS))
+    p.add_argument("--clips", nargs="+", default=list(CLIPS), choices=CLIPS)
     p.set_defaults(fn=prepare)
     p = sub.add_parser("run")
     p.add_argument("--frames", required=True)
     p.add_argument("--json", required=True)
-    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=list(MODELS))
+    p.add_argument("--clips", nargs="+", default=list(CLIPS), choices=CLIPS)
     p.add_argument("--device", default="cuda")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeat", type=int, default=20)

@@ -215,6 +215,36 @@ def test_model_type_not_in_the_table(tmp_path, capsys):
     assert {"qwen2_5_vl", "cosmos3_edge", "llava_onevision"} <= set(ADAPTERS) and all(t in err for t in ADAPTERS)
 
 
+def test_full_size_builtins_name_their_tokenizers_placeholders():
+    """The full-size built-ins carry the tiny tokenizer, so their configs take its placeholder ids: with the published
+    checkpoints' (151656, 18, …) every prompt rendered 0 video placeholders and `run` refused after minutes of
+    building weights. Checked on the configs alone, without the 3B / 2B weights."""
+    from aot_export.adapters.cosmos3_edge import cosmos3_edge_config
+    from aot_export.adapters.merged_grid import PLACEHOLDERS, builtin_tokenizer
+    from aot_export.adapters.qwen2_5_vl import qwen2_5_vl_3b_config
+
+    tokenizer = builtin_tokenizer()
+    expected = {field: tokenizer.convert_tokens_to_ids(token) for field, token in PLACEHOLDERS.items()}
+    for config in (qwen2_5_vl_3b_config(), cosmos3_edge_config()):
+        assert {field: getattr(config, field) for field in PLACEHOLDERS} == expected
+
+
+def test_tokenizer_config_mismatch_refused_before_weights(tmp_path, capsys):
+    """A config whose placeholder ids are not its tokenizer's is refused from config.json and the tokenizer files,
+    naming both ids (no weights in the directory: none are read)."""
+    from aot_export.adapters.merged_grid import builtin_tokenizer
+    from aot_export.adapters.qwen2_5_vl import tiny_config
+
+    directory = tmp_path / "ckpt"
+    config = tiny_config()
+    config.video_token_id = 151656
+    config.save_pretrained(directory)
+    builtin_tokenizer().save_pretrained(directory)
+    err = bad_input(capsys, ["export", "--model", str(directory), "--frames", "4", "--out", str(tmp_path / "out")])
+    assert "<|video_pad|> is id 6" in err and "video_token_id is 151656" in err
+    assert not (tmp_path / "out").exists()
+
+
 # ---- 3-D positions for the LLM ---------------------------------------------------------------------------------------
 PROMPT = "What happens in the video?"
 

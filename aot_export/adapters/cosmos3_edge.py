@@ -22,10 +22,9 @@ from torch import Tensor, nn
 from ..config import AOTConfig
 from ..errors import InputError
 from ..preprocess import Preprocessing
-from .llava_onevision import tiny_tokenizer
 from .base import VideoLayout
 from .merged_grid import (CHAT_TEMPLATE, SPECIAL_TOKENS, MergedGridAdapter, MergedGridVisionAOT, StaticGrid,
-                          merged_scores, patchify)
+                          builtin_placeholder_ids, merged_scores, patchify)
 from .scores import attention_received, received_from_weights
 
 SHALLOW_LAYER = 5
@@ -41,10 +40,7 @@ def tiny_config() -> Any:
     2-layer relu² LLM with 3-D rotary sections."""
     from transformers import Cosmos3EdgeConfig
 
-    tokenizer = tiny_tokenizer(special_tokens=SPECIAL_TOKENS, chat_template=CHAT_TEMPLATE)
-    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
-        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    ids = builtin_placeholder_ids()
     vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4, patch_size=16,
                   num_patches=256, spatial_merge_size=2)
     text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -55,10 +51,11 @@ def tiny_config() -> Any:
 
 
 def cosmos3_edge_config() -> Any:
-    """Cosmos3-Edge's architecture as transformers 5.24 defines it (27-layer 1152-wide tower, 28-layer LLM)."""
+    """Cosmos3-Edge's architecture as transformers 5.24 defines it (27-layer 1152-wide tower, 28-layer LLM), with the
+    placeholder ids of the tiny tokenizer the built-in carries (`builtin_placeholder_ids`), not the defaults 18–21."""
     from transformers import Cosmos3EdgeConfig
 
-    return Cosmos3EdgeConfig()
+    return Cosmos3EdgeConfig(**builtin_placeholder_ids())
 
 
 class StaticCosmosTower(nn.Module):

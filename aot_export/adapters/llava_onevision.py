@@ -94,17 +94,20 @@ def onevision_05b_config() -> "LlavaOnevisionConfig":
 PLACEHOLDERS = {"image_token_index": "<image>", "video_token_index": "<video>"}
 
 
-def placeholder_ids(tokenizer: Any) -> dict[str, int]:
-    """The config fields that name the chat template's placeholders, as this tokenizer spells them."""
-    return {field: tokenizer.convert_tokens_to_ids(token) for field, token in PLACEHOLDERS.items()}
+def placeholder_ids(tokenizer: Any, placeholders: dict[str, str] = PLACEHOLDERS) -> dict[str, int]:
+    """The config fields that name the chat template's placeholders (`placeholders`: field → token), as this
+    tokenizer spells them."""
+    return {field: tokenizer.convert_tokens_to_ids(token) for field, token in placeholders.items()}
 
 
-def check_placeholders(model_id: str, config: Any, tokenizer: Any) -> None:
-    """The tokenizer and the config must agree on the placeholder ids, or every prompt renders 0 video
-    placeholders; checked before the weights load (seconds to minutes), naming the real cause."""
+def check_placeholders(model_id: str, config: Any, tokenizer: Any,
+                       placeholders: dict[str, str] = PLACEHOLDERS) -> None:
+    """The tokenizer and the config must agree on the placeholder ids (`placeholders`: config field → token), or
+    every prompt renders 0 video placeholders; checked before the weights load (seconds to minutes), naming the
+    real cause."""
     if tokenizer is None:
         return
-    for field, token in PLACEHOLDERS.items():
+    for field, token in placeholders.items():
         in_tokenizer, in_config = tokenizer.convert_tokens_to_ids(token), getattr(config, field)
         if in_tokenizer != in_config:
             raise InputError(f"{model_id}: the tokenizer's {token} is id {in_tokenizer} but the config's {field} is "

@@ -22,7 +22,7 @@ from ..errors import InputError
 from ..preprocess import PROCESSOR_FILES, RESAMPLE_NAMES, Preprocessing
 from ..reducer import AOTReducer
 from .base import ModelAdapter, ModelInfo, config_hash
-from .llava_onevision import checkpoint_tokenizer, tiny_tokenizer
+from .llava_onevision import check_placeholders, checkpoint_tokenizer, placeholder_ids, tiny_tokenizer
 
 # No pooling after the merger: average pooling with a 1×1 window is the identity on the merged grid.
 MERGED_GRID_POOLING = {"pool": 1, "pool_mode": "average"}
@@ -39,6 +39,22 @@ CHAT_TEMPLATE = (
     "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
     "{{'<|im_end|>\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+
+# Config fields naming the tokens the chat template and the 3-D prompt layout use → the tokens as the tokenizer has them.
+PLACEHOLDERS = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
+                "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"}
+
+
+def builtin_tokenizer() -> Any:
+    """The tiny tokenizer every built-in of both families carries (nothing downloaded)."""
+    return tiny_tokenizer(special_tokens=SPECIAL_TOKENS, chat_template=CHAT_TEMPLATE)
+
+
+def builtin_placeholder_ids() -> dict[str, int]:
+    """A built-in config's placeholder fields as its tiny tokenizer spells them: a built-in, tiny or full size,
+    carries the tiny tokenizer, so the published checkpoints' ids (151656, 18, …) would name no token of it and every
+    prompt would render 0 video placeholders."""
+    return placeholder_ids(builtin_tokenizer(), PLACEHOLDERS)
 
 
 @dataclass(frozen=True)
@@ -207,8 +223,9 @@ class MergedGridAdapter(ModelAdapter):
         import transformers
 
         static_preprocessing(None, model_id, preprocessing.size, cls.size_factor(config.vision_config), preprocessing)
-        return cls(model_id, build_random(getattr(transformers, cls.hf_model), config, seed), preprocessing,
-                   tiny_tokenizer(special_tokens=cls.special_tokens, chat_template=cls.chat_template))
+        tokenizer = tiny_tokenizer(special_tokens=cls.special_tokens, chat_template=cls.chat_template)
+        check_placeholders(model_id, config, tokenizer, PLACEHOLDERS)
+        return cls(model_id, build_random(getattr(transformers, cls.hf_model), config, seed), preprocessing, tokenizer)
 
     @classmethod
     def from_checkpoint(cls, directory: Path) -> "MergedGridAdapter":
@@ -217,8 +234,10 @@ class MergedGridAdapter(ModelAdapter):
         config = getattr(transformers, cls.hf_config)(**json.loads((directory / "config.json").read_text()))
         preprocessing = static_preprocessing(directory, str(directory), cls.default_preprocessing.size,
                                              cls.size_factor(config.vision_config), cls.default_preprocessing)
+        tokenizer = checkpoint_tokenizer(directory)
+        check_placeholders(str(directory), config, tokenizer, PLACEHOLDERS)
         model = load_pretrained(getattr(transformers, cls.hf_model), directory, cls.family)
-        return cls(str(directory), model, preprocessing, checkpoint_tokenizer(directory))
+        return cls(str(directory), model, preprocessing, tokenizer)
 
     def __init__(self, model_id: str, model: nn.Module, grid: StaticGrid, preprocessing: Preprocessing,
                  tokenizer: Any = None):

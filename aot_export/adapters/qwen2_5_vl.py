@@ -23,10 +23,9 @@ from torch import Tensor, nn
 from ..config import AOTConfig
 from ..errors import InputError
 from ..preprocess import Preprocessing
-from .llava_onevision import tiny_tokenizer
 from .base import VideoLayout
 from .merged_grid import (CHAT_TEMPLATE, SPECIAL_TOKENS, MergedGridAdapter, MergedGridVisionAOT, StaticGrid,
-                          merged_scores, patchify)
+                          builtin_placeholder_ids, merged_scores, patchify)
 from .scores import attention_received, received_from_weights
 
 # Fixed input of an export: 448 px gives a 16×16 merged grid (4×4 windows of 112 px) per temporal patch.
@@ -40,10 +39,7 @@ def tiny_config() -> Any:
     """The real architecture at tiny width: 8 blocks (full attention in 3 and 7), 112 px windows, a 2-layer LLM."""
     from transformers import Qwen2_5_VLConfig
 
-    tokenizer = tiny_tokenizer(special_tokens=SPECIAL_TOKENS, chat_template=CHAT_TEMPLATE)
-    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
-        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    ids = builtin_placeholder_ids()
     # At Hugging Face's initializer_range 0.02 this narrow tower attends almost uniformly (received scores spread by
     # 0.5 %), so 1e-6 rounding between two correct forwards reorders near-tied anchors (bigbuckbunny: index agreement
     # 0.82); 0.05 gives random-weight attention a spread that rounding cannot reorder.
@@ -58,7 +54,8 @@ def tiny_config() -> Any:
 
 
 def qwen2_5_vl_3b_config() -> Any:
-    """Qwen2.5-VL-3B's architecture (32-block 1280-wide ViT, 36-layer 2048-wide LLM)."""
+    """Qwen2.5-VL-3B's architecture (32-block 1280-wide ViT, 36-layer 2048-wide LLM), with the placeholder ids of the
+    tiny tokenizer the built-in carries (`builtin_placeholder_ids`), not the published checkpoint's."""
     from transformers import Qwen2_5_VLConfig
 
     vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
@@ -68,8 +65,7 @@ def qwen2_5_vl_3b_config() -> Any:
                 num_key_value_heads=2, vocab_size=151936, max_position_embeddings=128000,
                 rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]})
     return Qwen2_5_VLConfig(vision_config=vision, text_config=text, tie_word_embeddings=True,
-                            image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
-                            vision_end_token_id=151653)
+                            **builtin_placeholder_ids())
 
 
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

@@ -50,13 +50,12 @@ def frames_key(model: str, clip: str) -> str:
 
 
 def prepare(args) -> int:
-    from aot_export.adapters import load_model
     from aot_export.preprocess import resize_frames
     from aot_export.video import decode_frames
 
     arrays = {}
     for model in args.models:
-        prep = preprocessing_of(model, load_model)
+        prep = preprocessing_of(model)
         for clip in args.clips:
             arrays[frames_key(model, clip)] = resize_frames(decode_frames(VIDEOS / clip, MODELS[model]), prep)
     np.savez_compressed(args.out, **arrays)
@@ -64,9 +63,10 @@ def prepare(args) -> int:
     return 0
 
 
-def preprocessing_of(model: str, load_model):
+def preprocessing_of(model: str):
     """The built-in's preprocessing; for the full-size merged-grid built-ins without building their 3–4 B random
     weights (minutes and ~15 GB here) only to read it."""
+    from aot_export.adapters import load_model
     from aot_export.adapters.cosmos3_edge import COSMOS_PREPROCESSING
     from aot_export.adapters.qwen2_5_vl import QWEN_PREPROCESSING
 

@@ -19,7 +19,7 @@ from typing import Any, Iterable
 import numpy as np
 import onnx
 
-from aot_export.artifacts import atomic_dir, check_destination, sha256_file
+from aot_export.artifacts import atomic_dir, check_destination, default_mode, sha256_file
 from aot_export.errors import InputError
 from aot_export.fidelity import VISION_GATES, Gates, compare_outputs, gate_checks
 from aot_export.manifest import GRAPH, MANIFEST, Manifest, hash_files, read_manifest
@@ -192,7 +192,7 @@ def calibrate_export(directory: str | os.PathLike, videos: str | os.PathLike | I
                     raise InputError(f"ONNX Runtime cannot quantize this graph to {precision}: "
                                      f"{' '.join(str(exc).split())[:300]}; use another precision") from exc
                 for path in staging.iterdir():
-                    path.chmod(0o644)
+                    path.chmod(default_mode(0o666))      # ONNX writes external weights 0600
             with stages.step():
                 pixels = preprocess_frames(decode_frames(held, manifest.aot.frames), manifest.preprocessing)
                 cpu = ["CPUExecutionProvider"]

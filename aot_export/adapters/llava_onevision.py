@@ -19,7 +19,7 @@ from ..errors import InputError
 from ..preprocess import Preprocessing
 from ..reducer import AOTReducer
 from .base import ModelAdapter, ModelInfo, config_hash
-from .scores import attention_received
+from .scores import attention_received, received_from_weights
 
 SHALLOW_LAYER = 5
 DEEP_LAYER = -2
@@ -263,8 +263,8 @@ class LlavaOnevisionAdapter(ModelAdapter):
             out = tower(frames[start:start + chunk], output_hidden_states=True, output_attentions=True)
             features.append(self.model.model.multi_modal_projector(select_features(out.hidden_states,
                                                                                    self.feature_layer)))
-            shallow.append(out.attentions[self.score_layers[0]].sum(-2).mean(1))
-            deep.append(out.attentions[self.score_layers[1]].sum(-2).mean(1))
+            shallow.append(received_from_weights(out.attentions[self.score_layers[0]]))
+            deep.append(received_from_weights(out.attentions[self.score_layers[1]]))
         return AOTReducer(cfg)(torch.cat(features), torch.cat(shallow), torch.cat(deep))
 
     # ---- language side (runtime) -----------------------------------------------------------------------------------

@@ -13,16 +13,35 @@ POOL_MODES = ("bilinear", "average")
 SINKHORN_SOLVERS = ("fixed", "reference")
 # What a config written before a field existed was built with: such configs load, and hash, as they did.
 LEGACY_VALUES = {"sinkhorn": "fixed", "sinkhorn_max_iters": 100, "sinkhorn_tol": 1e-2}
+# The authors' code picks the inter-frame clip length from the frame count and refuses any other (AOT_SPEC §4).
+AUTHORS_CLIP_LENGTHS = {32: 4, 64: 8}
+CLIPS_PER_VIDEO = 8          # both of the authors' cases: 32 / 4 = 64 / 8
+SHORTEST_CLIP = 4            # the authors' shorter length, the one every published result uses
 # The plain-domain "reference" solver needs its kernel exp(-cost / eps) far above fp32's smallest normal (1.2e-38):
 # exp(-60) = 8.8e-27 leaves 11 orders of magnitude for the scalings it is multiplied by.
 PLAIN_DOMAIN_MAX_EXPONENT = 60.0
+
+
+def clip_len_for(frames: int) -> int:
+    """The clip length `frames` AOT frames (grids: a Qwen2.5-VL temporal patch is one) get unless one is given.
+
+    The authors' 32 → 4 and 64 → 8 both cut the video into eight clips, so other counts do too where they can: the
+    longest length up to frames/8 that divides `frames`, never shorter than 4 — shorter clips than any the authors
+    ran would merge less, and a clip of one frame turns the stage off. Below 32 frames that is 4; where no length
+    from 4 to frames/8 divides `frames` it is 4 as well, which the config refuses unless 4 divides `frames`.
+    """
+    longest = frames // CLIPS_PER_VIDEO
+    return max((n for n in range(SHORTEST_CLIP, longest + 1) if frames % n == 0), default=SHORTEST_CLIP)
 
 
 @dataclass(frozen=True)
 class AOTConfig:
     """Static budgets and hyper-parameters of AOT for one video of `frames` frames.
 
-    Defaults follow the authors' reference code for LLaVA-OneVision-7B at 32 frames (AOT_SPEC §5).
+    Defaults follow the authors' reference code for LLaVA-OneVision-7B at 32 frames (AOT_SPEC §5). `clip_len` left
+    out follows `frames` as the authors' code does (`clip_len_for`: 32 → 4, 64 → 8, other counts by the same
+    eight-clip rule) and is stored solved; a given `clip_len` wins, and `dataclasses.replace(cfg, frames=...)`
+    keeps the length `cfg` has.
 
     Sinkhorn: `sinkhorn="reference"` (default) reproduces the authors' stopping in the static graph —
     `sinkhorn_max_iters` (100, their maximum) unrolled plain-domain iterations, r and c frozen after the first
@@ -39,7 +58,7 @@ class AOTConfig:
     """
 
     frames: int = 32
-    clip_len: int = 4
+    clip_len: int | None = None            # None: clip_len_for(frames), solved on construction
     grid: int = 27
     windows: int = 3
     pool: int = 2
@@ -59,11 +78,15 @@ class AOTConfig:
     global_ratio: float = 0.5
 
     def __post_init__(self) -> None:
+        if self.clip_len is None and isinstance(self.frames, int):
+            # Solved once, here, so that to_dict, the manifest and the hash record the length used, never None.
+            object.__setattr__(self, "clip_len", clip_len_for(self.frames))
         for f in fields(self):
             value = getattr(self, f.name)
-            expected = {"int": int, "float": (int, float), "str": str}[f.type]
+            kind = f.type.removesuffix(" | None")
+            expected = {"int": int, "float": (int, float), "str": str}[kind]
             if isinstance(value, bool) or not isinstance(value, expected):
-                raise ValueError(f"AOTConfig.{f.name} must be {f.type}, got {value!r}")
+                raise ValueError(f"AOTConfig.{f.name} must be {kind}, got {value!r}")
         self._validate()
 
     def _validate(self) -> None:

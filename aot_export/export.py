@@ -16,7 +16,7 @@ import torch
 
 from .adapters import ModelAdapter, load_model
 from .artifacts import atomic_dir, check_destination
-from .config import AOTConfig
+from .config import AUTHORS_CLIP_LENGTHS, CLIPS_PER_VIDEO, SHORTEST_CLIP, AOTConfig, clip_len_for
 from .errors import InputError
 from .manifest import GRAPH, Manifest, TensorSpec, hash_files
 from .onnx_export import OPSET, save_onnx, trace_onnx, verify_static
@@ -83,19 +83,27 @@ def export_vision_aot(model: str | ModelAdapter, cfg: AOTConfig, out_dir: str | 
 
 
 def solve_config(frames: int, retention: float | None, anchors: int | None, pooled_anchors: int | None,
-                 keep: int | None, grid: int, clip_len: int | None = None, **model_fields) -> AOTConfig:
+                 keep: int | None, grid: int, clip_len: int | None = None, temporal_patch: int = 1,
+                 **model_fields) -> AOTConfig:
     """The CLI's budget options → a config on the model's grid (and pooling: `model_fields`, from
-    `ModelAdapter.aot_fields`): a target retention, explicit budgets, or the reference defaults."""
+    `ModelAdapter.aot_fields`): a target retention, explicit budgets, or the reference defaults. `frames` are AOT
+    frames, `temporal_patch` video frames each (for the messages, which speak of --frames); `clip_len` left out
+    follows them (`clip_len_for`)."""
     if retention is not None:
         if pooled_anchors is not None or keep is not None:
             raise ValueError("give either --retention or --pooled-anchors/--keep, not both")
+    given = described_frames(frames, temporal_patch)
     if clip_len is None:
-        if frames % AOTConfig.clip_len:
-            raise InputError(f"--frames {frames} is not a multiple of the clip length {AOTConfig.clip_len}, so "
-                             "inter-frame merging would be off; pass --frames "
-                             f"{-(-frames // AOTConfig.clip_len) * AOTConfig.clip_len}, or "
-                             "--clip-len 1 to export without inter-frame merging")
-        clip_len = AOTConfig.clip_len
+        clip_len = clip_len_for(frames)
+        if frames % clip_len:
+            whole = -(-frames // clip_len) * clip_len * temporal_patch
+            raise InputError(f"{given} is not a multiple of the clip length {clip_len}, so inter-frame merging "
+                             f"would be off; pass --frames {whole}, or --clip-len 1 to export without inter-frame "
+                             "merging")
+    elif frames % clip_len:
+        divisors = ", ".join(str(n) for n in range(1, frames + 1) if frames % n == 0)
+        raise InputError(f"--clip-len {clip_len} does not cut {given} into whole clips; pass one of {divisors} "
+                         "(1: no inter-frame merging), or leave --clip-len out")
     if retention is not None:
         return AOTConfig.from_retention(frames, retention, anchors=anchors, grid=grid, clip_len=clip_len,
                                         **model_fields)
@@ -103,3 +111,28 @@ def solve_config(frames: int, retention: float | None, anchors: int | None, pool
               if v is not None}
     return AOTConfig(frames=frames, grid=grid, clip_len=clip_len, **model_fields, **budget)
 
+
+def described_frames(frames: int, temporal_patch: int) -> str:
+    """`frames` AOT frames as the user counted them: --frames N, and the temporal patches where they differ."""
+    if temporal_patch == 1:
+        return f"--frames {frames}"
+    return f"--frames {frames * temporal_patch} ({frames} temporal patches of {temporal_patch})"
+
+
+def clip_len_notice(frames: int, temporal_patch: int = 1) -> str | None:
+    """One line naming the clip length `frames` AOT frames get by default, for a count the authors do not define
+    or a tower that folds `temporal_patch` video frames into one AOT frame (the authors' rule counts AOT frames);
+    None for the authors' own cases."""
+    if frames in AUTHORS_CLIP_LENGTHS and temporal_patch == 1:
+        return None
+    unit, count = ("frames", "frames") if temporal_patch == 1 else ("temporal patches", "patches")
+    folded = "" if temporal_patch == 1 else "AOT counts temporal patches as frames; "
+    if frames in AUTHORS_CLIP_LENGTHS:
+        why = f"{folded}the authors use {clip_len_for(frames)} for {frames}"
+    else:
+        authors = " and ".join(f"{n} → {length}" for n, length in AUTHORS_CLIP_LENGTHS.items())
+        why = (f"{folded}the authors define only {authors} ({CLIPS_PER_VIDEO} clips each); other counts get the "
+               f"longest length from {SHORTEST_CLIP} to {count}/{CLIPS_PER_VIDEO} that divides the {unit}")
+    clips = f"clips of {clip_len_for(frames)}" + ("" if temporal_patch == 1 else f" {unit}")
+    option = "--clip-len" + ("" if temporal_patch == 1 else f" (in {unit})")
+    return f"note: {described_frames(frames, temporal_patch)} → {clips}: {why}; {option} sets another"

@@ -30,20 +30,28 @@ def reducer_example_inputs(cfg: AOTConfig, hidden: int, dtype: torch.dtype = tor
             torch.rand(cfg.frames, n, generator=g), torch.rand(cfg.frames, n, generator=g))
 
 
+# Logger → the level it is raised to while exporting. The optimizer passes (onnxscript, onnx_ir) log every rewrite at
+# INFO, which shows once anything sets the root logger to INFO (ONNX Runtime's MatMulNBits quantizer does on import).
+QUIET_LOGGERS = {"torch.onnx._internal.exporter._registration": logging.ERROR, "onnxscript": logging.WARNING,
+                 "onnx_ir": logging.WARNING}
+
+
 @contextlib.contextmanager
 def quiet_exporter() -> Iterator[None]:
     """The dynamo exporter logs a warning per optional torchvision op and deprecation notices from torch
     internals; none of it is about the graph being exported."""
-    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = registration.level
-    registration.setLevel(logging.ERROR)
+    loggers = {logging.getLogger(name): level for name, level in QUIET_LOGGERS.items()}
+    previous = {logger: logger.level for logger in loggers}
+    for logger, level in loggers.items():
+        logger.setLevel(level)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
             yield
     finally:
-        registration.setLevel(level)
+        for logger, level in previous.items():
+            logger.setLevel(level)
 
 
 def trace_onnx(module: torch.nn.Module, example_inputs: tuple, input_names: tuple[str, ...],

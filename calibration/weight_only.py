@@ -37,14 +37,15 @@ def quantizable_nodes(model: onnx.ModelProto) -> list[str]:
             if node.op_type == "MatMul" and node.input[1] in weights and node_scope(node) not in FP32_SCOPES]
 
 
-def quantize_graph(model: onnx.ModelProto, nodes: list[str], block_size: int) -> onnx.ModelProto:
-    """`model` with the weights of the MatMul `nodes` as symmetric 8-bit blocks (MatMulNBits)."""
+def quantize_graph(model: onnx.ModelProto, nodes: list[str], block_size: int, bits: int = BITS) -> onnx.ModelProto:
+    """`model` with the weights of the MatMul `nodes` as symmetric `bits`-bit blocks (MatMulNBits; 8 here, 4 for
+    the ONNX decoder of runtime/decoder_export.py)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     # The quantizer takes every MatMul with a constant weight unless excluded (`nodes_to_include` only adds).
     chosen = set(nodes)
     excluded = [node.name for node in model.graph.node if node.op_type == "MatMul" and node.name not in chosen]
-    quantizer = MatMulNBitsQuantizer(model, bits=BITS, block_size=block_size, is_symmetric=True,
+    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True,
                                      nodes_to_exclude=excluded)
     # the quantizer logs two INFO lines per weight
     logger = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")

@@ -77,7 +77,9 @@ def _export(args: argparse.Namespace) -> int:
         cfg = AOTConfig.from_json(_read_text(args.config))
     else:
         cfg = solve_config(adapter.aot_frames(args.frames), args.retention, args.anchors, args.pooled_anchors,
-                           args.keep, clip_len=args.clip_len, **adapter.aot_fields())
+                           args.keep, clip_len=args.clip_len, temporal_patch=adapter.info.temporal_patch,
+                           **adapter.aot_fields())
+        _print_clip_len_notice(args, adapter)
     result = export_vision_aot(adapter, cfg, args.out, progress=not args.quiet, force=args.force)
     result.seconds["load model"] = load_seconds
     sizes = {name: (result.directory / name).stat().st_size for name in result.manifest.files}
@@ -85,6 +87,7 @@ def _export(args: argparse.Namespace) -> int:
             ("visual tokens without AOT", cfg.input_tokens), ("visual tokens with AOT", cfg.output_tokens),
             ("retention", f"{cfg.retention:.2%}"),
             ("anchors / pooled anchors / keep", f"{cfg.anchors} / {cfg.pooled_anchors} / {cfg.keep}"),
+            ("frames per clip", cfg.clip_len * adapter.info.temporal_patch),
             *[(f"{name}", f"{size / 1e6:.1f} MB") for name, size in sizes.items()],
             *[(f"time: {stage}", f"{seconds:.1f} s") for stage, seconds in result.seconds.items()],
             ("peak RSS", f"{peak_rss_mib():.0f} MiB"), ("written", str(result.directory))]
@@ -92,6 +95,17 @@ def _export(args: argparse.Namespace) -> int:
     write_json(args.json, {"manifest": result.manifest.to_dict(), "seconds": result.seconds, "sizes": sizes,
                            "peak_rss_mib": peak_rss_mib()})
     return EXIT_OK
+
+
+def _print_clip_len_notice(args: argparse.Namespace, adapter) -> None:
+    """One line on stderr where the clip length follows a frame count the authors do not define (none where
+    --clip-len gives it)."""
+    from aot_export.export import clip_len_notice
+
+    notice = None if args.clip_len is not None else clip_len_notice(adapter.aot_frames(args.frames),
+                                                                    adapter.info.temporal_patch)
+    if notice:
+        print(notice, file=sys.stderr)
 
 
 def _add_export(parser: argparse.ArgumentParser) -> None:
@@ -106,7 +120,9 @@ def _add_export(parser: argparse.ArgumentParser) -> None:
 def _add_budget(parser: argparse.ArgumentParser, frames_help: str) -> None:
     parser.add_argument("--frames", type=positive_int, default=32, help=frames_help)
     parser.add_argument("--clip-len", type=positive_int, default=None,
-                        help="frames per inter-frame clip (4; --frames must be a multiple of it)")
+                        help="frames per inter-frame clip, temporal patches for Qwen2.5-VL (default: as the authors, "
+                             "32 → 4 and 64 → 8, other counts the longest of 4 to frames/8 dividing them, with a "
+                             "note; it must divide the frames; 1: no inter-frame merging)")
     parser.add_argument("--retention", type=fraction, default=None, help="target share of visual tokens kept")
     parser.add_argument("--anchors", type=positive_int, default=None, help="intra-frame anchors per frame (V)")
     parser.add_argument("--pooled-anchors", type=positive_int, default=None, help="pooled cells kept per frame (A)")
@@ -411,8 +427,11 @@ def _visualize(args: argparse.Namespace) -> int:
     adapter = model_adapter(artifact)
     cfg = (artifact.manifest.aot if artifact.manifest is not None else
            solve_config(adapter.aot_frames(args.frames), args.retention, args.anchors, args.pooled_anchors,
-                        args.keep, clip_len=args.clip_len, **adapter.aot_fields()))
+                        args.keep, clip_len=args.clip_len, temporal_patch=adapter.info.temporal_patch,
+                        **adapter.aot_fields()))
     check_output_file(args.out, "--out")
+    if artifact.manifest is None:
+        _print_clip_len_notice(args, adapter)
     info = visualize(adapter, args.video, args.out, cfg, frames_shown=args.frames_shown, progress=not args.quiet)
     model = info["model"] + (" (random weights)" if info["random_weights"] else "")
     rows = [("video", info["video"]), ("model", model), ("visual tokens without AOT", info["input_tokens"]),
@@ -474,7 +493,8 @@ COMMANDS: dict[str, Command] = {
     "quantize-weights": Command("8-bit weight-only export for ONNX Runtime devices (MatMulNBits, no calibration)",
                                 _add_quantize_weights, _quantize_weights),
     "build": Command("build a TensorRT engine for a target from an export", _add_build, _build),
-    "quantize-llm": Command("build an int4 ONNX decoder of the checkpoint's LLM (onnxruntime-genai)",
+    "quantize-llm": Command("build an int4 ONNX decoder of the checkpoint's LLM (onnxruntime-genai's builder, "
+                            "or torch.onnx + MatMulNBits where it lacks the family)",
                             _add_quantize_llm, _quantize_llm),
     "bench": Command("ratios side by side: AOT / encoder, ORT / eager, LLM prefill with / without AOT",
                      _add_bench, _bench),

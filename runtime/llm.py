@@ -2,9 +2,10 @@
 
 - `TransformersDecoder`: the checkpoint's decoder in PyTorch, fp32 (the reference) or with int8 dynamic
   quantization of every Linear (CPU).
-- `OnnxDecoder`: an int4 ONNX decoder built by onnxruntime-genai's model builder from the checkpoint's language
-  model (`inputs_embeds` input), run with plain onnxruntime and an explicit KV-cache loop — the deployable edge
-  path (onnxruntime on CPU here, onnxruntime-gpu on Jetson / datacenter).
+- `OnnxDecoder`: an int4 ONNX decoder built from the checkpoint's language model (`inputs_embeds` input) by
+  onnxruntime-genai's model builder, or, for a text model the builder lacks, by torch.onnx and ONNX Runtime's
+  MatMulNBits quantizer (runtime/decoder_export.py); run with plain onnxruntime and an explicit KV-cache loop — the
+  deployable edge path (onnxruntime on CPU here, onnxruntime-gpu on Jetson / datacenter).
 
 `generate(..., forced=ids)` feeds the given tokens instead of its own choices (teacher forcing), so two backends
 can be compared step by step on the same continuation.
@@ -24,6 +25,7 @@ import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -116,38 +118,63 @@ class OnnxDecoder:
 
     def generate(self, embeds: Tensor, max_new_tokens: int, eos: int | None = None,
                  forced: list[int] | None = None, position_ids: Tensor | None = None) -> Generation:
-        """`position_ids` [3, 1, L] as for `TransformersDecoder.generate` (the decoder must take them: the builder
-        gives Qwen2.5-VL's text model a 3-D `position_ids` input)."""
+        """`position_ids` [3, 1, L] as for `TransformersDecoder.generate` (the decoder must take them: genai's builder
+        gives Qwen2.5-VL's text model a 3-D `position_ids` input, runtime/decoder_export.py Cosmos3-Edge's)."""
         embed = partial(embed_token, self.adapter)
         return self.core.generate(embeds.numpy(), max_new_tokens, lambda token: embed(token).numpy(), eos, forced,
                                   None if position_ids is None else position_ids.numpy())
 
 
+GENAI_BUILDER = "onnxruntime_genai.models.builder"
+
+
+def run_genai_builder(adapter, staging: Path, work: Path, precision: str, execution_provider: str,
+                      progress: bool) -> dict:
+    """The checkpoint's language model → onnxruntime-genai's model builder (`inputs_embeds` in, no embedding table:
+    the runtime embeds text itself) → `staging`; returns what llm.json records of how it was built (nothing more)."""
+    source = adapter.save_language_model(work / "hf")
+    command = [sys.executable, "-m", GENAI_BUILDER, "-i", str(source), "-o", str(staging),
+               "-p", precision, "-e", execution_provider, "-c", str(work / "cache"),
+               "--extra_options", "exclude_embeds=true"]
+    done = subprocess.run(command, capture_output=not progress, text=True)
+    if done.returncode != 0:
+        tail = (done.stderr or "").strip().splitlines()[-1:] or ["see above"]
+        raise RuntimeError(f"onnxruntime-genai's model builder failed: {tail[0]}")
+    shutil.rmtree(staging / "cache", ignore_errors=True)
+    return {}
+
+
+def decoder_builder(adapter, precision: str, execution_provider: str) -> tuple[str, Callable[..., dict]]:
+    """The family's route, its settings checked before any work: (llm.json's `builder`, the function that writes
+    the decoder into a staging directory and returns what llm.json records of it)."""
+    if adapter.genai_builder:
+        return GENAI_BUILDER, run_genai_builder
+    from .decoder_export import BUILDER, check_settings, export_decoder
+
+    check_settings(precision, execution_provider)
+    return BUILDER, export_decoder
+
+
 def build_onnx_decoder(adapter, out_dir: str | os.PathLike, precision: str = "int4",
                        execution_provider: str = "cpu", progress: bool = True, force: bool = False) -> Path:
-    """The checkpoint's language model → onnxruntime-genai's model builder (`inputs_embeds` in, no embedding
-    table: the runtime embeds text itself) → `out_dir` with `llm.json`. `force` replaces an existing ONNX LLM
-    there; anything else is refused."""
+    """The checkpoint's language model as an ONNX decoder with `inputs_embeds` in → `out_dir` with `llm.json`:
+    onnxruntime-genai's model builder where it takes the family's text model (`adapter.genai_builder`), otherwise
+    the text model exported with torch.onnx, int4 by ONNX Runtime's MatMulNBits quantizer
+    (runtime/decoder_export.py); llm.json's `builder` says which. `force` replaces an existing ONNX LLM there;
+    anything else is refused."""
     if precision not in ("int4", "fp32", "fp16"):
         raise InputError(f"precision {precision!r}: the ONNX LLM is built as int4, fp16 or fp32")
+    builder, build = decoder_builder(adapter, precision, execution_provider)
     out_dir = Path(out_dir)
     decoder, _ = adapter.decoder()
     bytes_per_weight = {"int4": 1, "fp16": 2, "fp32": 4}[precision]
     check_destination(out_dir, "llm", force, sum(p.numel() for p in decoder.parameters()) * bytes_per_weight)
     with tempfile.TemporaryDirectory() as work, atomic_dir(out_dir, "llm", force) as staging:
-        source = adapter.save_language_model(Path(work) / "hf")
-        command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source), "-o", str(staging),
-                   "-p", precision, "-e", execution_provider, "-c", str(Path(work) / "cache"),
-                   "--extra_options", "exclude_embeds=true"]
-        done = subprocess.run(command, capture_output=not progress, text=True)
-        if done.returncode != 0:
-            tail = (done.stderr or "").strip().splitlines()[-1:] or ["see above"]
-            raise RuntimeError(f"onnxruntime-genai's model builder failed: {tail[0]}")
-        shutil.rmtree(staging / "cache", ignore_errors=True)
+        details = build(adapter, staging, Path(work), precision, execution_provider, progress)
         files = sorted(p.name for p in staging.iterdir())
         manifest = {"model_id": adapter.info.model_id, "config_hash": adapter.info.config_hash,
                     "hidden_size": adapter.info.hidden, "precision": precision,
-                    "execution_provider": execution_provider, "builder": "onnxruntime_genai.models.builder",
+                    "execution_provider": execution_provider, "builder": builder, **details,
                     "inputs_embeds": True, "files": hash_files(staging, files),
                     "sizes": {name: (staging / name).stat().st_size for name in files}}
         (staging / LLM_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

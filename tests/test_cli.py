@@ -6,6 +6,7 @@ import subprocess
 
 import pytest
 
+from aot_export.errors import InputError
 from aot_export.report import format_table
 from runtime.cli import EXIT_BAD_INPUT, EXIT_OK, main
 
@@ -68,3 +69,61 @@ def test_calibrate_refuses_what_is_not_an_export(tmp_path, capsys):
                  "--out", str(tmp_path / "q")])
     assert code == EXIT_BAD_INPUT and "manifest.json" in capsys.readouterr().err
     assert not (tmp_path / "q").exists()
+
+
+# ---- clip length: follows --frames as the authors' code does, one line where they define none --------------------
+@pytest.fixture
+def stop_before_export(monkeypatch, tiny):
+    """`aot-export export` on the session's tiny model up to the export itself (~100 s on CPU): the configs it
+    would have exported."""
+    import aot_export.adapters
+    import aot_export.export
+
+    configs = []
+
+    def stop(adapter, cfg, out, **kwargs):
+        configs.append(cfg)
+        raise InputError("stopped before the export")
+
+    monkeypatch.setattr(aot_export.adapters, "load_model", lambda name: tiny)
+    monkeypatch.setattr(aot_export.export, "export_vision_aot", stop)
+    return configs
+
+
+@pytest.mark.parametrize("argv, clip_len, noted", [(["--frames", "32"], 4, False), (["--frames", "64"], 8, False),
+                                                   (["--frames", "8"], 4, True), (["--frames", "48"], 6, True),
+                                                   (["--frames", "64", "--clip-len", "4"], 4, False),
+                                                   (["--frames", "48", "--clip-len", "2"], 2, False)])
+def test_export_clip_len_follows_the_frames(stop_before_export, tmp_path, capsys, argv, clip_len, noted):
+    assert main(["export", *argv, "--out", str(tmp_path / "out"), "--quiet"]) == EXIT_BAD_INPUT
+    *notes, last = capsys.readouterr().err.strip().splitlines()
+    assert last == "aot-export export: error: stopped before the export"
+    (cfg,) = stop_before_export
+    assert cfg.clip_len == clip_len and len(notes) == noted
+    if noted:
+        assert notes[0].startswith(f"note: --frames {cfg.frames} → clips of {clip_len}: the authors define only "
+                                   "32 → 4 and 64 → 8")
+        assert notes[0].endswith("--clip-len sets another")
+
+
+def test_export_refuses_a_clip_len_that_does_not_divide_the_frames(stop_before_export, tmp_path, capsys):
+    assert main(["export", "--frames", "8", "--clip-len", "3", "--out", str(tmp_path / "out")]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip()
+    assert err == ("aot-export export: error: --clip-len 3 does not cut --frames 8 into whole clips; pass one of "
+                   "1, 2, 4, 8 (1: no inter-frame merging), or leave --clip-len out")
+    assert stop_before_export == []
+
+
+def test_clip_len_messages_count_temporal_patches_as_aot_frames():
+    """Qwen2.5-VL folds 2 frames into one grid: the authors' rule counts grids, the messages count --frames."""
+    from aot_export.export import clip_len_notice, solve_config
+
+    assert clip_len_notice(32) is None and clip_len_notice(64) is None
+    note = clip_len_notice(32, temporal_patch=2)
+    assert note == ("note: --frames 64 (32 temporal patches of 2) → clips of 4 temporal patches: AOT counts temporal "
+                    "patches as frames; the authors use 4 for 32; --clip-len (in temporal patches) sets another")
+    assert "\n" not in clip_len_notice(8, temporal_patch=2)
+    with pytest.raises(InputError, match=r"^--frames 6 \(3 temporal patches of 2\) is not a multiple of the clip "
+                                         r"length 4.*pass --frames 8,"):
+        solve_config(3, None, None, None, None, grid=27, temporal_patch=2)
+    assert solve_config(64, None, None, None, None, grid=27, temporal_patch=2).clip_len == 8

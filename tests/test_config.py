@@ -9,6 +9,9 @@ import re
 import pytest
 
 from aot_export import AOTConfig
+from aot_export.config import AUTHORS_CLIP_LENGTHS, clip_len_for
+from aot_export.manifest import Manifest
+from aot_export.preprocess import Preprocessing
 
 # A small valid config; every invalid case below changes it in one place only.
 BASE = dict(frames=8, clip_len=4, grid=9, windows=3, anchors=18, pooled_anchors=8, keep=2)
@@ -33,6 +36,7 @@ INVALID = {
     # name: (overrides of BASE, field the message must name)
     "clip_len-not-dividing-frames": (dict(clip_len=3), "clip_len"),
     "clip_len-zero": (dict(clip_len=0), "clip_len"),
+    "clip_len-not-int": (dict(clip_len="4"), "clip_len"),
     "frames-zero": (dict(frames=0), "frames"),
     "sinkhorn_iters-zero": (dict(sinkhorn_iters=0), "sinkhorn_iters"),
     "pooled_anchors-over-cells": (dict(pooled_anchors=26), "pooled_anchors"),  # 5x5 = 25 cells
@@ -279,12 +283,77 @@ def test_from_retention_overrides():
     assert cfg.keep == round(0.3 * cfg.pooled_anchors)
     assert cfg.retention <= 0.15 < one_more(cfg).retention
     # clip_len=8 allows a different (larger) A than clip_len=4 at the same retention.
-    default_clips = AOTConfig.from_retention(64, 0.15, pool_mode="average")
-    assert default_clips.clip_len == 4
-    assert cfg.pooled_anchors != default_clips.pooled_anchors
+    four = AOTConfig.from_retention(64, 0.15, clip_len=4, pool_mode="average")
+    assert four.clip_len == 4
+    assert cfg.pooled_anchors != four.pooled_anchors
+    assert AOTConfig.from_retention(64, 0.15, pool_mode="average") == cfg      # 64 frames: clips of 8 by default
 
 
 def test_from_retention_keep_ratio():
     cfg = AOTConfig.from_retention(32, 0.20, keep_ratio=0.1)
     assert cfg.keep == round(0.1 * cfg.pooled_anchors)
     assert cfg.retention <= 0.20 < one_more(cfg, keep_ratio=0.1).retention
+
+
+# ---- clip length: the authors' code picks it from the frame count (AOT_SPEC §4) ---------------------------------
+@pytest.mark.parametrize("frames, clip_len", [(32, 4), (64, 8), (4, 4), (8, 4), (16, 4), (40, 5), (48, 6),
+                                              (100, 10), (128, 16)])
+def test_clip_len_follows_the_frames(frames, clip_len):
+    assert clip_len_for(frames) == clip_len
+    assert AOTConfig(frames=frames).clip_len == clip_len
+    assert AOTConfig(frames=frames, clip_len=None).clip_len == clip_len
+    assert AOTConfig.from_retention(frames, 0.25).clip_len == clip_len
+
+
+def test_clip_len_for_the_authors_counts_is_theirs():
+    assert {frames: clip_len_for(frames) for frames in AUTHORS_CLIP_LENGTHS} == {32: 4, 64: 8}
+
+
+def test_clip_len_keeps_eight_clips_where_whole_clips_allow():
+    """The longest length up to frames/8 that divides the frames, never shorter than 4."""
+    for frames in range(1, 257):
+        clip_len = clip_len_for(frames)
+        longer = [n for n in range(clip_len + 1, frames // 8 + 1) if frames % n == 0]
+        assert clip_len >= 4 and not longer, frames
+        if clip_len > 4:
+            assert frames % clip_len == 0 and frames // clip_len >= 8, frames
+
+
+def test_a_given_clip_len_wins():
+    assert AOTConfig(frames=64, clip_len=4).clip_len == 4
+    assert AOTConfig(frames=8, clip_len=1).clip_len == 1
+    assert AOTConfig.from_retention(64, 0.15, clip_len=4).clip_len == 4
+    assert dataclasses.replace(AOTConfig(frames=32), frames=64).clip_len == 4      # replace keeps the length
+
+
+def test_frames_no_clip_length_divides_are_refused_naming_clip_len():
+    with pytest.raises(ValueError) as exc:
+        AOTConfig(frames=7)
+    assert names_field(str(exc.value), "clip_len")
+
+
+def test_the_solved_clip_len_is_recorded_in_the_manifest():
+    cfg = AOTConfig(frames=64)
+    assert cfg.to_dict()["clip_len"] == 8 and json.loads(cfg.to_json())["clip_len"] == 8
+    manifest = Manifest(model={}, aot=cfg, preprocessing=Preprocessing(size=16, mean=(0.5,) * 3, std=(0.5,) * 3),
+                        inputs=(), outputs=(), opset=18, files={}, versions={})
+    data = json.loads(json.dumps(manifest.to_dict()))
+    assert data["aot"]["clip_len"] == 8 and data["aot_hash"] == cfg.hash
+    assert Manifest.from_dict(data).aot == cfg
+
+
+# A 64-frame config as written before the clip length followed the frame count (clips of 4 whatever the frames),
+# and the hashes that code gave it and the default config (engine sidecars record them).
+WRITTEN_BEFORE_CLIP_LEN_FOLLOWED = (
+    '{"alpha": 0.1, "anchors": 126, "beta": 0.5, "clip_len": 4, "eps": 0.1, "frames": 64, "global_ratio": 0.5, '
+    '"grid": 27, "keep": 10, "lam": 1.0, "pool": 2, "pool_mode": "bilinear", "pooled_anchors": 32, '
+    '"sigma_t": 1.5, "sinkhorn": "reference", "sinkhorn_iters": 10, "sinkhorn_max_iters": 100, '
+    '"sinkhorn_tol": 0.01, "windows": 3}')
+
+
+def test_a_config_written_before_clip_len_followed_the_frames_loads_and_hashes_as_built():
+    cfg = AOTConfig.from_json(WRITTEN_BEFORE_CLIP_LEN_FOLLOWED)
+    assert (cfg.frames, cfg.clip_len) == (64, 4)
+    assert cfg.hash == "caa742cd0212ea95" and cfg.to_json() == WRITTEN_BEFORE_CLIP_LEN_FOLLOWED
+    assert AOTConfig().hash == "2dda0989bb8ab3ef"
+    assert AOTConfig(frames=64).hash != cfg.hash

@@ -17,7 +17,7 @@ from aot_export.manifest import GRAPH, read_manifest
 from aot_export.onnx_scopes import node_scope
 from aot_export.preprocess import preprocess_frames
 from aot_export.video import decode_frames
-from runtime.cli import EXIT_BAD_INPUT, main
+from runtime.cli import EXIT_BAD_INPUT, EXIT_OK, main
 
 HAS_TENSORRT = bool(importlib.util.find_spec("tensorrt_rtx") or importlib.util.find_spec("tensorrt"))
 FAMILIES = ["tiny-qwen2.5-vl", "tiny-cosmos3-edge"]
@@ -346,9 +346,37 @@ def test_onnx_decoder_takes_3d_positions(tmp_path):
     assert max(np.abs(a - b).max() for a, b in zip(want.step_logits, got.step_logits)) < 1e-4
 
 
-def test_cosmos_has_no_onnx_decoder(tmp_path, capsys):
-    err = bad_input(capsys, ["quantize-llm", "--model", "tiny-cosmos3-edge", "--out", str(tmp_path / "llm")])
-    assert "does not support the Cosmos3-Edge text model" in err and not (tmp_path / "llm").exists()
+def test_cosmos_int4_decoder_meets_the_chain_gates(tmp_path, capsys):
+    """`quantize-llm` builds Cosmos3-Edge's text model, which onnxruntime-genai's builder lacks, with torch.onnx:
+    every Linear's weight (lm_head included) as 4-bit MatMulNBits blocks; its first token and 16 teacher-forced
+    tokens against the fp32 LLM, on 3-D positions, within the int4 chain gates."""
+    from collections import Counter
+
+    from torch import nn
+
+    from aot_export.fidelity import CHAIN_GATES, gate_checks
+    from runtime.chain import kl_divergence, top1_agreement
+    from runtime.llm import OnnxDecoder, TransformersDecoder
+    from runtime.positions import assemble_positioned, full_index
+
+    out = tmp_path / "llm"
+    assert main(["quantize-llm", "--model", "tiny-cosmos3-edge", "--out", str(out), "--quiet"]) == EXIT_OK, \
+        capsys.readouterr().err
+    manifest = json.loads((out / "llm.json").read_text())
+    assert manifest["builder"] == "runtime.decoder_export" and manifest["precision"] == "int4"
+    adapter = load_model("tiny-cosmos3-edge")
+    linears = sum(isinstance(m, nn.Linear) for part in adapter.decoder() for m in part.modules())
+    types = Counter(node.op_type for node in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node)
+    assert types["MatMulNBits"] == linears and "MatMul" not in types
+    frames = adapter.example_frames(VIDEO_FRAMES, seed=8)
+    prompt = assemble_positioned(adapter, PROMPT, adapter.full_video_features(frames),
+                                 full_index(adapter.aot_frames(VIDEO_FRAMES), adapter.info.grid))
+    want = TransformersDecoder(adapter).generate(prompt.embeds, 16, position_ids=prompt.position_ids)
+    got = OnnxDecoder(out, adapter).generate(prompt.embeds, 16, forced=want.tokens, position_ids=prompt.position_ids)
+    metrics = {"first_token_kl": kl_divergence(want.step_logits[0], got.step_logits[0]),
+               **top1_agreement(want.step_logits, got.step_logits)}
+    assert all(gate_checks(metrics, CHAIN_GATES["int4"]).values()), metrics
+    assert metrics["max_logit_error"] > 1e-3           # 4-bit weights: not the fp32 graph under another name
 
 
 def test_chain_validation(family_export, shared_videos):

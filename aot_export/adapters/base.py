@@ -175,6 +175,11 @@ class ModelAdapter(ABC):
         cache=..., use_cache=True, position_ids=...)` and returns `.last_hidden_state` [B, L, H]; the lm_head maps
         [B, H] to logits [B, V]."""
 
+    genai_builder: ClassVar[bool] = True
+    """Whether onnxruntime-genai's model builder takes this family's text model (the checkpoint
+    `save_language_model` writes); where it does not, `aot-export quantize-llm` exports `decoder()` itself with
+    torch.onnx (runtime/decoder_export.py)."""
+
     @abstractmethod
     def save_language_model(self, directory: Path) -> Path:
         """Write the LLM alone as a Hugging Face causal-LM checkpoint (config, safetensors, tokenizer when there is

@@ -178,11 +178,14 @@ class Cosmos3EdgeAdapter(MergedGridAdapter):
         return VideoLayout(config.vision_start_token_id, config.vision_end_token_id, per_frame=True,
                            frame_stamp="<{:.1f} seconds>")
 
+    # onnxruntime-genai's model builder (0.18) has no Cosmos3-Edge text model (relu² MLP, 3-D rotary sections):
+    # `aot-export quantize-llm` exports `decoder()` with torch.onnx instead (runtime/decoder_export.py).
+    genai_builder = False
+
     def save_language_model(self, directory: Path) -> Path:
-        """onnxruntime-genai's model builder (0.18) has no Cosmos3-Edge text model (relu² MLP, 3-D rotary sections), so
-        there is no int4 ONNX decoder to build from it."""
+        """No checkpoint for onnxruntime-genai's builder: it does not take this text model (`genai_builder`)."""
         raise InputError(f"{self.info.model_id}: onnxruntime-genai's model builder does not support the Cosmos3-Edge "
-                         "text model; run its LLM with --llm transformers or transformers-int8")
+                         "text model; `aot-export quantize-llm` exports it with torch.onnx instead")
 
 
 TINY_PREPROCESSING = Preprocessing(size=256, mean=COSMOS_PREPROCESSING.mean, std=COSMOS_PREPROCESSING.std)

@@ -4,9 +4,10 @@
     python bench/device_check.py device --bundle BUNDLE --video V --reference ref.json            # runtime-only venv
 
 `reference`: the reference pipeline (`runtime.pipeline.Pipeline`: the export on ONNX Runtime, the prompt
-assembled and embedded through the Hugging Face model, the same int4 ONNX LLM) → greedy tokens and the first
-token's logits. `device`: the bundle on `runtime.device` → the same; exit 1 unless the greedy tokens are equal,
-the first-token KL(reference ‖ device) ≤ 1e-5, and no torch / transformers / onnx / onnxscript module was loaded.
+assembled with the Hugging Face model's tokenizer and embedding table, the same int4 ONNX LLM) → greedy tokens, the
+first token's logits, the prompt's ids and positions. `device`: the bundle on `runtime.device` → the same; exit 1
+unless the greedy tokens, prompt ids and positions (3-D for Qwen2.5-VL and Cosmos3-Edge) are equal, the first-token
+KL(reference ‖ device) ≤ 1e-5, and no torch / transformers / onnx / onnxscript module was loaded. Every family.
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ def kl_divergence(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
     return float(np.sum(np.exp(lp) * (lp - lq)))
 
 
+def positions_list(positions) -> list | None:
+    return None if positions is None else np.asarray(positions).tolist()
+
+
 def reference(args) -> int:
     from aot_export.preprocess import preprocess_frames
     from aot_export.video import decode_frames
@@ -41,10 +46,11 @@ def reference(args) -> int:
 
     with Pipeline(args.export, llm=args.llm) as pipeline:
         pixels = preprocess_frames(decode_frames(args.video, pipeline.frames), pipeline.preprocessing)
-        inputs = assemble(pipeline.adapter, PROMPT, pipeline.visual_tokens(pixels))
-        generation = pipeline.llm.generate(inputs.embeds, TOKENS, eos=pipeline.eos)
+        visual, index = pipeline.visual_tokens_at(pixels)
+        inputs = assemble(pipeline.adapter, PROMPT, visual, index, pipeline.adapter.aot_frames(len(pixels)))
+        generation = pipeline.llm.generate(inputs.embeds, TOKENS, eos=pipeline.eos, **inputs.generate_kwargs)
     payload = {"tokens": generation.tokens, "first_logits": generation.step_logits[0].tolist(),
-               "prompt_tokens": inputs.length}
+               "prompt_ids": inputs.input_ids[0].tolist(), "position_ids": positions_list(inputs.position_ids)}
     with open(args.out, "w") as handle:
         json.dump(payload, handle)
     print(f"reference: {len(generation.tokens)} tokens, prompt {inputs.length} positions -> {args.out}")
@@ -59,16 +65,18 @@ def device(args) -> int:
     start = time.perf_counter()
     with DevicePipeline(args.bundle) as pipeline:
         pixels = preprocess_frames(decode_frames(args.video, pipeline.frames), pipeline.preprocessing)
-        visual = pipeline.vision.run(pixels)["tokens"]
-        embeds, _ = pipeline.text.assemble(pipeline.text.prompt_ids(PROMPT), visual)
-        generation = pipeline.generate(embeds, TOKENS)
+        prompt = pipeline.assemble(PROMPT, pipeline.vision.run(pixels))
+        generation = pipeline.generate(prompt, TOKENS)
     seconds = time.perf_counter() - start
     ref = json.loads(open(args.reference).read())
     kl = kl_divergence(np.asarray(ref["first_logits"]), generation.step_logits[0])
     loaded = sorted({m.split(".")[0] for m in sys.modules} & set(FORBIDDEN))
     checks = {"greedy tokens equal": generation.tokens == ref["tokens"], f"first-token KL ≤ {KL_GATE:g}": kl <= KL_GATE,
-              "prompt length equal": embeds.shape[1] == ref["prompt_tokens"], "no torch/transformers/onnx": not loaded}
+              "prompt ids equal": prompt.input_ids.tolist() == ref["prompt_ids"],
+              "prompt positions equal": positions_list(prompt.position_ids) == ref["position_ids"],
+              "no torch/transformers/onnx": not loaded}
     print(json.dumps({"tokens": generation.tokens, "reference_tokens": ref["tokens"], "first_token_kl": kl,
+                      "prompt_tokens": prompt.length, "position_axes": 1 if prompt.position_ids is None else 3,
                       "forbidden_modules_loaded": loaded, "seconds": seconds, "checks": checks}, indent=2))
     return 0 if all(checks.values()) else 1
 

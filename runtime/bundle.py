@@ -1,7 +1,8 @@
 """`aot-export bundle`: an export (or engine) directory + an ONNX LLM directory (`quantize-llm`) → one directory with
 everything the device runtime (`runtime.device`) needs and nothing else; layout and refusals in
-`runtime.device.bundle`. Writing needs the model (tokenizer, embedding table, newline vector, chat template), so
-it runs where the export stack is installed; reading needs none of it.
+`runtime.device.bundle`. Writing needs the model (tokenizer, embedding table, newline vector, the prompt description
+`runtime.prompt.prompt_spec` — chat template pieces, placeholder, 3-D layout), so it runs where the export stack is
+installed; reading needs none of it.
 
 The text embedding table is stored as an .npy array, memory-mapped on the device (only the rows a prompt uses are
 read; no session, no graph), in fp16 by default (half the file) — docs/benchmarks.md has the measured cost.
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from aot_export.adapters import ADAPTERS
 from aot_export.artifacts import atomic_dir, check_destination, sha256_file
 from aot_export.errors import InputError
 from aot_export.manifest import MANIFEST, read_manifest
@@ -24,25 +26,34 @@ from engines.sidecar import PLAN, SIDECAR, check_against_export, read_sidecar
 
 from .device.bundle import BUNDLE, BUNDLE_SCHEMA, EMBEDDINGS, LLM_DIR, NEWLINE, REFUSED_ON, TOKENIZER, VISION_DIR
 from .device.decoder import GENAI_CONFIG, LLM_MANIFEST, read_llm_manifest
+from .prompt import backend_tokenizer, prompt_spec
 from .vision import model_adapter, resolve_artifact
 
-PROMPT_MARK = "\x00PROMPT\x00"
 EMBEDDING_DTYPES = {"fp16": np.float16, "fp32": np.float32}
 
 
-def chat_pieces(adapter) -> dict[str, str]:
-    """The chat template rendered for a user turn with one video and a marker text, split at the marker."""
-    tokenizer = adapter.tokenizer
-    if tokenizer is None or tokenizer.chat_template is None:
-        raise InputError(f"{adapter.info.model_id} has no tokenizer with a chat template; add the checkpoint's "
-                         "tokenizer and chat_template files to its directory")
-    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": PROMPT_MARK}]}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    if text.count(PROMPT_MARK) != 1:
-        raise InputError(f"{adapter.info.model_id}: its chat template does not render the user's text once; fix the "
-                         "checkpoint's chat template")
-    before, after = text.split(PROMPT_MARK)
-    return {"before": before, "after": after}
+def decoder_position_axes(llm: Path) -> int:
+    """3 where the ONNX decoder takes 3-D `position_ids` [3, 1, L], 1 where it derives 1-D positions itself (read
+    from the graph's inputs, without its weights)."""
+    import onnx
+
+    config = json.loads((llm / GENAI_CONFIG).read_text())["model"]["decoder"]
+    graph = onnx.load(str(llm / config["filename"]), load_external_data=False).graph
+    inputs = {i.name: len(i.type.tensor_type.shape.dim) for i in graph.input}
+    return 3 if inputs.get("position_ids") == 3 else 1
+
+
+def check_decoder_positions(llm: Path, model: dict) -> int:
+    """The decoder's position axes, refused unless they are the exported family's (before its weights load)."""
+    adapter = ADAPTERS.get(model.get("model_type"))
+    axes = decoder_position_axes(llm)
+    if adapter is not None and axes != adapter.position_axes:
+        needs = ("places visual tokens at 3-D (t, h, w) positions" if adapter.position_axes == 3
+                 else "takes 1-D positions")
+        has = "takes 3-D position_ids" if axes == 3 else "takes no 3-D position_ids"
+        raise InputError(f"{llm}: the export's model ({model.get('model_id')}) {needs} but this decoder {has}; "
+                         "rebuild the LLM with `aot-export quantize-llm --model` the exported model")
+    return axes
 
 
 def write_bundle(model: str | os.PathLike, llm: str | os.PathLike, out: str | os.PathLike,
@@ -70,16 +81,14 @@ def write_bundle(model: str | os.PathLike, llm: str | os.PathLike, out: str | os
         raise InputError(f"{llm} was built from {llm_manifest['model_id']} (config {llm_manifest['config_hash']}), "
                          f"the export from {model_info['model_id']} (config {model_info['config_hash']}); pass the "
                          "LLM of the exported model (`aot-export quantize-llm --model ...`)")
+    position_axes = check_decoder_positions(llm, model_info)
     adapter = model_adapter(artifact, adapter)
-    if adapter.video_layout is not None:
-        raise InputError(f"{adapter.info.model_id} places visual tokens by 3-D positions, which the device runtime "
-                         "does not assemble yet; run it with `aot-export run --model EXPORT_DIR`")
+    spec = prompt_spec(adapter)
     tokenizer = adapter.tokenizer
-    chat = chat_pieces(adapter)
     vocab = json.loads((llm / GENAI_CONFIG).read_text())["model"]["vocab_size"]     # every id the LLM can emit
     with torch.inference_mode():
         table = adapter.embed_tokens(torch.arange(vocab).unsqueeze(0))[0].float().numpy()
-        newline = adapter.image_newline.detach().float().numpy()
+    newline = None if adapter.image_newline is None else adapter.image_newline.detach().float().numpy()
     with atomic_dir(out, "bundle", force) as staging:
         vision = staging / VISION_DIR
         vision.mkdir()
@@ -97,22 +106,23 @@ def write_bundle(model: str | os.PathLike, llm: str | os.PathLike, out: str | os
                 "sizes": {n: s for n, s in llm_manifest.get("sizes", {}).items() if n in decoder_files}}
         (staging / LLM_DIR / LLM_MANIFEST).write_text(json.dumps(kept, indent=2, sort_keys=True) + "\n")
         (staging / "text").mkdir()
-        tokenizer.backend_tokenizer.save(str(staging / TOKENIZER))
+        backend_tokenizer(adapter).save(str(staging / TOKENIZER))
         np.save(staging / EMBEDDINGS, table.astype(EMBEDDING_DTYPES[embeddings]))
-        np.save(staging / NEWLINE, newline)
+        if newline is not None:
+            np.save(staging / NEWLINE, newline)
         files = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file())
         sidecar = read_sidecar(model, verify_hashes=verify_hashes) if artifact.kind == "engine" else None
         data = {"schema_version": BUNDLE_SCHEMA,
                 "model": {"model_id": model_info["model_id"], "config_hash": model_info["config_hash"],
-                          "hidden": int(newline.shape[-1]), "vocab": int(table.shape[0])},
+                          "hidden": int(table.shape[-1]), "vocab": int(table.shape[0])},
                 "vision": {"kind": artifact.kind,
                            "flavour": sidecar.flavour if sidecar is not None else "onnxruntime"},
                 "export_manifest": export_manifest.to_dict(),
-                "frames": export_manifest.aot.frames, "preprocessing": export_manifest.preprocessing.to_dict(),
-                "llm": {"precision": llm_manifest["precision"], "config_hash": llm_manifest["config_hash"]},
-                "text": {"chat": chat, "video_token_id": int(adapter.video_token_id),
-                         "eos_token_id": tokenizer.eos_token_id, "embeddings_dtype": embeddings,
-                         "special_tokens": sorted(tokenizer.all_special_tokens)},
+                "frames": export_manifest.video_frames, "preprocessing": export_manifest.preprocessing.to_dict(),
+                "llm": {"precision": llm_manifest["precision"], "config_hash": llm_manifest["config_hash"],
+                        "position_axes": position_axes},
+                "text": {"prompt": spec.to_dict(), "eos_token_id": tokenizer.eos_token_id,
+                         "embeddings_dtype": embeddings},
                 "files": {name: sha256_file(staging / name) for name in files},
                 "refused_on": REFUSED_ON}
         (staging / BUNDLE).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

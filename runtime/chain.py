@@ -21,7 +21,7 @@ from aot_export.fidelity import CHAIN_GATES, Gates, gate_checks
 from aot_export.report import format_table
 
 from .llm import TransformersDecoder, load_llm
-from .positions import assemble_for
+from .prompt import assemble
 from .validate import ValidationReport, validate_export
 from .vision import model_adapter, resolve_artifact
 
@@ -121,15 +121,16 @@ def validate_chain(directory: str | os.PathLike, video: str | os.PathLike, llm: 
     vision = validate_export(directory, video, model=adapter, device=device, progress=progress, backend=backend,
                              export=export, verify_hashes=verify_hashes)
     # Each side's prompt from its own tokens and index (3-D positions where the family has them).
-    (reference_inputs, reference_kwargs), (deployed_inputs, deployed_kwargs) = (
-        assemble_for(adapter, prompt, *(torch.from_numpy(np.asarray(vision.outputs[side][name]))
-                                        for name in ("tokens", "index")), artifact.manifest.aot.frames)
+    reference_inputs, deployed_inputs = (
+        assemble(adapter, prompt, *(torch.from_numpy(np.asarray(vision.outputs[side][name]))
+                                    for name in ("tokens", "index")), artifact.manifest.aot.frames)
         for side in ("reference", "export"))
-    reference = TransformersDecoder(adapter).generate(reference_inputs.embeds, tokens, **reference_kwargs)
+    reference = TransformersDecoder(adapter).generate(reference_inputs.embeds, tokens,
+                                                      **reference_inputs.generate_kwargs)
     deployed_llm = load_llm(llm, adapter, verify_hashes=verify_hashes)
     forced = deployed_llm.generate(deployed_inputs.embeds, len(reference.tokens), forced=reference.tokens,
-                                   **deployed_kwargs)
-    free = deployed_llm.generate(deployed_inputs.embeds, len(reference.tokens), **deployed_kwargs)
+                                   **deployed_inputs.generate_kwargs)
+    free = deployed_llm.generate(deployed_inputs.embeds, len(reference.tokens), **deployed_inputs.generate_kwargs)
     diverged = next((i for i, (a, b) in enumerate(zip(free.tokens, reference.tokens)) if a != b), len(free.tokens))
     metrics = {"first_token_kl": kl_divergence(reference.step_logits[0], forced.step_logits[0]),
                **top1_agreement(reference.step_logits, forced.step_logits),

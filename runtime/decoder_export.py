@@ -323,8 +323,9 @@ def export_decoder(adapter, staging: Path, work: Path, precision: str = "int4", 
     what llm.json records of how it was built. `work`: a scratch directory."""
     check_settings(precision, execution_provider)
     stack, lm_head = adapter.decoder()
-    # A family that places video tokens by 3-D positions has a text model with 3-D rotary sections.
-    shape = DecoderShape.of(stack, position_axes=3 if adapter.video_layout is not None else 0)
+    # A family that places video tokens by 3-D positions has a text model with 3-D rotary sections; the others'
+    # positions are derived from the mask in the graph (0: no input).
+    shape = DecoderShape.of(stack, position_axes=3 if adapter.position_axes == 3 else 0)
     stages = Stages(["export (torch.onnx)", *(["int4 weights (MatMulNBits)"] if precision == "int4" else []),
                      "write"], show=progress)
     try:

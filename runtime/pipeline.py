@@ -15,12 +15,12 @@ import torch
 
 from aot_export.manifest import refuse_failed_calibration
 from aot_export.preprocess import Preprocessing, preprocess_frames
+from aot_export.prompt_assembly import full_index
 from aot_export.video import decode_frames
 
 from .device.pipeline import RunReport, with_ttft
 from .llm import load_llm
-from .positions import assemble_for, full_index
-from .prompt import chat_ids
+from .prompt import assemble, chat_ids
 from .vision import model_adapter, open_runner, resolve_artifact
 
 DEFAULT_FRAMES = 32
@@ -68,7 +68,7 @@ class Pipeline:
             if self.adapter.image_newline is not None:
                 features = features[:-1]                                            # newline re-added below
             steps = self.adapter.aot_frames(len(pixels))
-            return features, full_index(steps, self.adapter.info.grid)
+            return features, torch.from_numpy(full_index(steps, self.adapter.info.grid))
         outputs = self.vision.run(pixels)
         return (torch.from_numpy(np.asarray(outputs["tokens"], dtype=np.float32)),
                 torch.from_numpy(np.asarray(outputs["index"])))
@@ -90,10 +90,9 @@ class Pipeline:
         visual, index = self.visual_tokens_at(pixels)
         seconds["vision + AOT" if self.reduce else "vision"] = time.perf_counter() - start
         start = time.perf_counter()
-        inputs, positions = assemble_for(self.adapter, prompt, visual, index,
-                                         self.adapter.aot_frames(len(pixels)))
+        inputs = assemble(self.adapter, prompt, visual, index, self.adapter.aot_frames(len(pixels)))
         seconds["prompt assembly"] = time.perf_counter() - start
-        generation = self.llm.generate(inputs.embeds, max_new_tokens, eos=self.eos, **positions)
+        generation = self.llm.generate(inputs.embeds, max_new_tokens, eos=self.eos, **inputs.generate_kwargs)
         seconds["LLM prefill"] = generation.prefill_s
         seconds["LLM decode"] = generation.decode_s
         answer = self.adapter.tokenizer.decode(generation.tokens, skip_special_tokens=True)

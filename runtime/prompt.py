@@ -1,84 +1,99 @@
-"""Prompt assembly as the checkpoint's Hugging Face model does it: the chat template with one `<video>`
-placeholder, the placeholder expanded to one position per visual token plus LLaVA-OneVision's newline token, the
-text embedded with the LLM's own table and the visual tokens scattered into the video positions."""
+"""The reference pipeline's side of the one prompt assembly (`aot_export.prompt_assembly`): what it needs of a
+Hugging Face model — the chat template's two pieces, the placeholder, the layout, the tokenizer behind the fast
+tokenizer, the LLM's embedding table — and the result as tensors for the PyTorch LLM backends. A bundle stores the
+same `PromptSpec` (`runtime.bundle`), so the device assembles exactly what the reference does."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from aot_export.errors import InputError
+from aot_export.prompt_assembly import ChatTemplate, PromptSpec, assemble_prompt
+from aot_export.prompt_assembly import chat_ids as spec_chat_ids
+
+# Stands in for the user's text while the chat template renders, so that the template's pieces and the user's text
+# are encoded apart: only the template may produce special tokens.
+USER_TEXT = "\ue000user text\ue000"
 
 
 @dataclass(frozen=True)
 class PromptInputs:
-    embeds: Tensor           # [1, L, H] float32
-    input_ids: Tensor        # [1, L], the video positions hold the video token id
-    visual_tokens: int       # positions that carry visual tokens (reduced tokens + newline)
+    input_ids: Tensor                 # [1, L], the video positions hold the video token id
+    embeds: Tensor                    # [1, L, H] float32
+    position_ids: Tensor | None       # [3, 1, L] (t, h, w) rotary positions, or None (1-D)
+    visual_tokens: int                # positions that carry visual tokens (and the newline, where there is one)
 
     @property
     def length(self) -> int:
         return self.input_ids.shape[1]
 
-
-# Stands in for the user's text while the chat template renders, so the template's own special tokens and the
-# user's text can be encoded apart: only the template may produce special tokens.
-USER_TEXT = "\ue000user text\ue000"
-
-
-def refuse_overlong(adapter, length: int, what: str) -> None:
-    limit = adapter.context_length
-    if length > limit:
-        raise InputError(f"{what} is {length} tokens, over the model's context of {limit}; shorten the prompt"
-                         " (or export fewer frames / a lower retention)")
+    @property
+    def generate_kwargs(self) -> dict[str, Any]:
+        """What the LLM backends' `generate` takes besides the embeddings: explicit positions, where there are."""
+        return {} if self.position_ids is None else {"position_ids": self.position_ids}
 
 
-def chat_ids(adapter, prompt: str) -> list[int]:
-    """Token ids of the rendered chat template for a user turn with one video and `prompt`. The prompt is
-    encoded as plain text: `<image>`, `<|im_start|>` and the like typed by a user are ordinary characters."""
-    if not prompt or not prompt.strip():
-        raise InputError("the prompt is empty; pass --prompt with a question about the video")
+def backend_tokenizer(adapter) -> Any:
     tokenizer = adapter.tokenizer
     if tokenizer is None or tokenizer.chat_template is None:
         raise InputError(f"{adapter.info.model_id} has no tokenizer with a chat template; add the checkpoint's "
                          "tokenizer and chat_template files to its directory")
-    # A prompt longer in characters than the context is in tokens cannot fit (a token is at least one character
-    # of text here); refusing it before tokenizing keeps a pasted book from costing seconds.
-    if len(prompt) > 16 * adapter.context_length:
-        refuse_overlong(adapter, len(prompt), "the prompt (in characters)")
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise InputError(f"{adapter.info.model_id}: its tokenizer has no tokenizer.json (a fast tokenizer), which the "
+                         "runtime and bundles use; add the checkpoint's tokenizer.json")
+    return backend
+
+
+def chat_template(adapter) -> ChatTemplate:
+    """The chat template rendered for a user turn with one video and a marker text, split at the marker."""
+    backend_tokenizer(adapter)
     messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": USER_TEXT}]}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    parts = text.split(USER_TEXT)
-    if len(parts) != 2:
+    text = adapter.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if text.count(USER_TEXT) != 1:
         raise InputError(f"{adapter.info.model_id}'s chat template does not place the user's text once; fix the "
                          "checkpoint's chat template")
-    before, after = (tokenizer(part, add_special_tokens=False).input_ids for part in parts)
-    user = tokenizer(prompt, add_special_tokens=False, split_special_tokens=True).input_ids
-    ids = before + user + after
-    refuse_overlong(adapter, len(ids), "the prompt")
-    count = ids.count(adapter.video_token_id)
-    if count != 1:
-        raise InputError(f"the chat template rendered {count} video placeholders for this prompt, not 1 (a prompt "
-                         "must not contain the video token itself, and the template must place one); remove "
-                         "'<video>' from the prompt or fix the checkpoint's chat template")
-    return ids
+    before, after = text.split(USER_TEXT)
+    return ChatTemplate(before, after)
+
+
+def prompt_spec(adapter) -> PromptSpec:
+    return PromptSpec(chat_template(adapter), int(adapter.video_token_id), adapter.info.grid,
+                      int(adapter.context_length), adapter.video_layout)
+
+
+def chat_ids(adapter, prompt: str) -> list[int]:
+    """Token ids of the rendered chat template for a user turn with one video and `prompt` (plain text)."""
+    return spec_chat_ids(prompt_spec(adapter), backend_tokenizer(adapter), prompt).tolist()
 
 
 @torch.inference_mode()
-def assemble(adapter, prompt: str, visual: Tensor) -> PromptInputs:
-    """`visual` [n, H] are the reduced tokens (or every pooled token) without the newline; it is appended here."""
-    ids = chat_ids(adapter, prompt)
-    hidden = adapter.image_newline.shape[-1]
-    if visual.shape[-1] != hidden:
-        raise InputError(f"the vision output is {visual.shape[-1]} wide but the LLM's hidden size is {hidden}; "
-                         "pair the export with the LLM of the same checkpoint")
-    refuse_overlong(adapter, len(ids) - 1 + visual.shape[0] + 1, "the prompt with its visual tokens")
-    at = ids.index(adapter.video_token_id)
-    video = torch.cat([visual.float(), adapter.image_newline.detach().float().unsqueeze(0)])
-    expanded = ids[:at] + [adapter.video_token_id] * video.shape[0] + ids[at + 1:]
-    input_ids = torch.tensor([expanded])
-    embeds = adapter.embed_tokens(input_ids).float().clone()
-    embeds[0, at:at + video.shape[0]] = video
-    return PromptInputs(embeds, input_ids, video.shape[0])
+def embed_ids(adapter, ids: np.ndarray) -> np.ndarray:
+    """[L] ids → [L, H] float32 through the LLM's own embedding table."""
+    return adapter.embed_tokens(torch.from_numpy(np.asarray(ids, np.int64))[None])[0].float().numpy()
+
+
+def assemble(adapter, prompt: str, visual: Tensor, index: Any = None, frames: int | None = None) -> PromptInputs:
+    """The chat prompt with `visual` [n, H] (without LLaVA's newline, which is appended here) at the positions
+    `index` [n, 3] names (families with 3-D positions need it); `frames`: grids in the video."""
+    newline = adapter.image_newline
+    assembled = assemble_prompt(
+        prompt_spec(adapter), backend_tokenizer(adapter), prompt, visual.detach().float().numpy(),
+        None if index is None else np.asarray(index), lambda ids: embed_ids(adapter, ids),
+        None if newline is None else newline.detach().float().numpy(), frames)
+    positions = assembled.position_ids
+    return PromptInputs(torch.from_numpy(assembled.input_ids)[None], torch.from_numpy(assembled.embeds),
+                        None if positions is None else torch.from_numpy(positions), assembled.visual_tokens)
+
+
+@torch.inference_mode()
+def prefill_logits(adapter, prompt: PromptInputs) -> Tensor:
+    """[L, V] logits of the LLM (PyTorch) on the prompt with its explicit positions."""
+    decoder, lm_head = adapter.decoder()
+    out = decoder(inputs_embeds=prompt.embeds, position_ids=prompt.position_ids, use_cache=False)
+    return lm_head(out.last_hidden_state)[0].float()

@@ -13,11 +13,11 @@ import torch
 
 from aot_export.adapters import load_model
 from aot_export.errors import InputError
+from aot_export.prompt_assembly import full_index
 from runtime.decoder_export import (ATTENTION, DecoderShape, KVCacheDecoder, attention_implementation,
                                     register_attention)
 from runtime.device.decoder import OrtDecoder
 from runtime.llm import OnnxDecoder, TransformersDecoder, build_onnx_decoder
-from runtime.positions import assemble_positioned, full_index
 from runtime.prompt import assemble
 
 PROMPT = "What is happening in this video?"
@@ -29,10 +29,9 @@ def family_prompt(adapter, seed: int = 8):
     frames = adapter.example_frames(VIDEO_FRAMES, seed=seed)
     visual = adapter.full_video_features(frames)
     if adapter.video_layout is None:
-        return assemble(adapter, PROMPT, visual[:-1]), {}         # the newline is appended by assemble
-    index = full_index(adapter.aot_frames(VIDEO_FRAMES), adapter.info.grid)
-    prompt = assemble_positioned(adapter, PROMPT, visual, index)
-    return prompt, {"position_ids": prompt.position_ids}
+        visual = visual[:-1]                                        # the newline is appended by assemble
+    prompt = assemble(adapter, PROMPT, visual, full_index(adapter.aot_frames(VIDEO_FRAMES), adapter.info.grid))
+    return prompt, prompt.generate_kwargs
 
 
 def op_types(directory) -> Counter:

@@ -58,30 +58,45 @@ def test_bundle_holds_the_device_parts_each_hashed(bundle):
             "text/image_newline.npy"} <= files
     assert not any(name.endswith(("tokenizer_config.json", ".jinja")) for name in files)    # nothing else
     assert np.load(bundle / "text/embeddings.npy").dtype == np.float16
-    assert "<video>" in data["text"]["chat"]["before"] and data["text"]["chat"]["after"].endswith("assistant\n")
+    chat = data["text"]["prompt"]["chat"]
+    assert "<video>" in chat["before"] and chat["after"].endswith("assistant\n")
+    assert data["text"]["prompt"]["layout"] is None and data["llm"]["position_axes"] == 1
 
 
-def test_device_run_without_torch_matches_the_reference_chain(tiny, tiny_export, tiny_llm, bundle, clip, tmp_path):
-    """The reference pipeline (HF embeddings, same int4 LLM) here; the bundle in a fresh process through the CI
-    script, which also fails if torch / transformers / onnx / onnxscript were imported."""
+def reference_run(export, llm, adapter, clip, out: Path) -> dict:
+    """What `bench/device_check.py reference` writes, computed here: the reference pipeline (HF tokenizer and
+    embeddings, the export on ONNX Runtime, the same int4 LLM)."""
     from aot_export.preprocess import preprocess_frames
     from aot_export.video import decode_frames
     from runtime.pipeline import Pipeline
     from runtime.prompt import assemble
 
-    with Pipeline(str(tiny_export), llm=str(tiny_llm), adapter=tiny) as pipeline:
+    with Pipeline(str(export), llm=str(llm), adapter=adapter) as pipeline:
         pixels = preprocess_frames(decode_frames(clip, pipeline.frames), pipeline.preprocessing)
-        inputs = assemble(tiny, PROMPT, pipeline.visual_tokens(pixels))
-        reference = pipeline.llm.generate(inputs.embeds, 16, eos=pipeline.eos)
-    ref = tmp_path / "ref.json"
-    ref.write_text(json.dumps({"tokens": reference.tokens, "first_logits": reference.step_logits[0].tolist(),
-                               "prompt_tokens": inputs.length}))
+        visual, index = pipeline.visual_tokens_at(pixels)
+        inputs = assemble(adapter, PROMPT, visual, index, adapter.aot_frames(len(pixels)))
+        reference = pipeline.llm.generate(inputs.embeds, 16, eos=pipeline.eos, **inputs.generate_kwargs)
+    payload = {"tokens": reference.tokens, "first_logits": reference.step_logits[0].tolist(),
+               "prompt_ids": inputs.input_ids[0].tolist(),
+               "position_ids": None if inputs.position_ids is None else inputs.position_ids.tolist()}
+    out.write_text(json.dumps(payload))
+    return payload
+
+
+def device_check(bundle, clip, ref: Path) -> dict:
+    """The bundle in a fresh process through the CI script, which also fails if torch / transformers / onnx /
+    onnxscript were imported."""
     done = subprocess.run([sys.executable, "bench/device_check.py", "device", "--bundle", str(bundle), "--video",
                            str(clip), "--reference", str(ref)], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
-    result = json.loads(done.stdout)
-    assert result["forbidden_modules_loaded"] == [] and result["tokens"] == reference.tokens
-    assert result["first_token_kl"] <= 1e-5
+    return json.loads(done.stdout)
+
+
+def test_device_run_without_torch_matches_the_reference_chain(tiny, tiny_export, tiny_llm, bundle, clip, tmp_path):
+    reference = reference_run(tiny_export, tiny_llm, tiny, clip, tmp_path / "ref.json")
+    result = device_check(bundle, clip, tmp_path / "ref.json")
+    assert result["forbidden_modules_loaded"] == [] and result["tokens"] == reference["tokens"]
+    assert result["first_token_kl"] <= 1e-5 and all(result["checks"].values())
 
 
 def test_device_modules_load_without_the_export_stack():

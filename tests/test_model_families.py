@@ -252,11 +252,12 @@ PROMPT = "What happens in the video?"
 def test_positions_match_hf_with_reduction_off(family):
     """All merged tokens at the positions of the full grid: the logits equal Hugging Face's own forward on the same
     frames and ids, and the positions equal its get_rope_index."""
-    from runtime.positions import assemble_positioned, full_index, prefill_logits
+    from aot_export.prompt_assembly import full_index
+    from runtime.prompt import assemble, prefill_logits
 
     frames = family.example_frames(VIDEO_FRAMES, seed=5)
     steps = family.aot_frames(VIDEO_FRAMES)
-    prompt = assemble_positioned(family, PROMPT, family.full_video_features(frames), full_index(steps, family.info.grid))
+    prompt = assemble(family, PROMPT, family.full_video_features(frames), full_index(steps, family.info.grid))
     assert prompt.visual_tokens == steps * family.info.grid ** 2
     ours = prefill_logits(family, prompt)
     pixels, grid_thw = family.pixel_values(frames)
@@ -272,11 +273,12 @@ def test_positions_match_hf_with_reduction_off(family):
 def test_positions_of_a_long_video_match_hf(family):
     """Where a video's time axis outgrows its grid (many frames), every position still equals Hugging Face's
     get_rope_index (which continues text after a video at start + G, not past the largest t)."""
-    from runtime.positions import assemble_positioned, full_index
+    from aot_export.prompt_assembly import full_index
+    from runtime.prompt import assemble
 
     steps = 4 * family.info.grid                     # (steps - 1) · interval > G - 1 for every layout
     index = full_index(steps, family.info.grid)
-    prompt = assemble_positioned(family, PROMPT, torch.zeros(len(index), family.info.hidden), index, steps)
+    prompt = assemble(family, PROMPT, torch.zeros(len(index), family.info.hidden), index, steps)
     grid_thw = torch.tensor([[steps, family.grid.patches_per_side, family.grid.patches_per_side]])
     types = (prompt.input_ids == family.video_token_id).int() * 2
     positions, _ = family.model.model.get_rope_index(prompt.input_ids, types, video_grid_thw=grid_thw)
@@ -284,14 +286,15 @@ def test_positions_of_a_long_video_match_hf(family):
 
 
 def test_reduced_tokens_keep_their_original_positions(family):
-    from runtime.positions import assemble_positioned, full_index
+    from aot_export.prompt_assembly import full_index
+    from runtime.prompt import assemble
 
     frames = family.example_frames(VIDEO_FRAMES, seed=6)
     cfg = family_cfg(family)
     with torch.inference_mode():
         tokens, index = family.vision_aot(cfg)(frames)
-    full = assemble_positioned(family, PROMPT, family.full_video_features(frames), full_index(cfg.frames, cfg.grid))
-    reduced = assemble_positioned(family, PROMPT, tokens, index, cfg.frames)
+    full = assemble(family, PROMPT, family.full_video_features(frames), full_index(cfg.frames, cfg.grid))
+    reduced = assemble(family, PROMPT, tokens, index, cfg.frames)
     assert reduced.visual_tokens == cfg.output_tokens < full.visual_tokens
     # The text after the video continues where it does after the full video.
     assert torch.equal(reduced.position_ids[:, 0, -1], full.position_ids[:, 0, -1])
@@ -333,13 +336,14 @@ def test_onnx_decoder_takes_3d_positions(tmp_path):
     """Qwen2.5-VL's text model through onnxruntime-genai's builder (fp32 here, to compare exactly; int4 is the same
     graph with 4-bit weights): prefill and decode logits equal the transformers decoder's on 3-D positions."""
     from runtime.llm import OnnxDecoder, TransformersDecoder, build_onnx_decoder
-    from runtime.positions import assemble_positioned, full_index
+    from aot_export.prompt_assembly import full_index
+    from runtime.prompt import assemble
 
     adapter = load_model("tiny-qwen2.5-vl")
     directory = build_onnx_decoder(adapter, tmp_path / "llm", precision="fp32", progress=False)
     frames = adapter.example_frames(VIDEO_FRAMES, seed=8)
-    prompt = assemble_positioned(adapter, PROMPT, adapter.full_video_features(frames),
-                                 full_index(adapter.aot_frames(VIDEO_FRAMES), adapter.info.grid))
+    prompt = assemble(adapter, PROMPT, adapter.full_video_features(frames),
+                      full_index(adapter.aot_frames(VIDEO_FRAMES), adapter.info.grid))
     want = TransformersDecoder(adapter).generate(prompt.embeds, 4, position_ids=prompt.position_ids)
     got = OnnxDecoder(directory, adapter).generate(prompt.embeds, 4, forced=want.tokens,
                                                    position_ids=prompt.position_ids)
@@ -357,7 +361,8 @@ def test_cosmos_int4_decoder_meets_the_chain_gates(tmp_path, capsys):
     from aot_export.fidelity import CHAIN_GATES, gate_checks
     from runtime.chain import kl_divergence, top1_agreement
     from runtime.llm import OnnxDecoder, TransformersDecoder
-    from runtime.positions import assemble_positioned, full_index
+    from aot_export.prompt_assembly import full_index
+    from runtime.prompt import assemble
 
     out = tmp_path / "llm"
     assert main(["quantize-llm", "--model", "tiny-cosmos3-edge", "--out", str(out), "--quiet"]) == EXIT_OK, \
@@ -369,8 +374,8 @@ def test_cosmos_int4_decoder_meets_the_chain_gates(tmp_path, capsys):
     types = Counter(node.op_type for node in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node)
     assert types["MatMulNBits"] == linears and "MatMul" not in types
     frames = adapter.example_frames(VIDEO_FRAMES, seed=8)
-    prompt = assemble_positioned(adapter, PROMPT, adapter.full_video_features(frames),
-                                 full_index(adapter.aot_frames(VIDEO_FRAMES), adapter.info.grid))
+    prompt = assemble(adapter, PROMPT, adapter.full_video_features(frames),
+                      full_index(adapter.aot_frames(VIDEO_FRAMES), adapter.info.grid))
     want = TransformersDecoder(adapter).generate(prompt.embeds, 16, position_ids=prompt.position_ids)
     got = OnnxDecoder(out, adapter).generate(prompt.embeds, 16, forced=want.tokens, position_ids=prompt.position_ids)
     metrics = {"first_token_kl": kl_divergence(want.step_logits[0], got.step_logits[0]),

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from ..config import AOTConfig
 from ..errors import InputError
 from ..preprocess import Preprocessing
+from ..prompt_assembly import VideoLayout
 
 
 @dataclass(frozen=True)
@@ -31,20 +32,6 @@ class ModelInfo:
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
-
-
-@dataclass(frozen=True)
-class VideoLayout:
-    """How a family lays a video out in its prompt when it places visual tokens by 3-D rotary positions (t, row,
-    col) instead of closing the video with a learned vector: `start_token` … `end_token` around each block of
-    video-token ids; one block for the whole video, or one per frame (`per_frame`: each frame its own grid, preceded
-    by `frame_stamp` formatted with its time in seconds); a grid's t advances by `time_interval` per frame."""
-
-    start_token: int
-    end_token: int
-    time_interval: float = 1.0
-    per_frame: bool = False
-    frame_stamp: str | None = None
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -152,17 +139,21 @@ class ModelAdapter(ABC):
     @abstractmethod
     def image_newline(self) -> Tensor | None:
         """[H]: the vector the LLM receives after a video's visual tokens (LLaVA-OneVision), or None for a family
-        that wraps the video in text tokens instead and places it by 3-D positions (runtime/positions.py)."""
+        that wraps the video in text tokens instead and places it by 3-D positions (aot_export/prompt_assembly.py)."""
 
     @property
     @abstractmethod
     def context_length(self) -> int:
         """The LLM's context window in tokens (prompts longer than this are refused)."""
 
+    position_axes: ClassVar[int] = 1
+    """Axes of the LLM's rotary positions: 1 (the decoder derives them), or 3 (t, h, w) for a family whose prompt
+    places visual tokens by `video_layout`; a class fact, so that a decoder can be checked before weights load."""
+
     @property
     def video_layout(self) -> VideoLayout | None:
-        """The prompt layout of a family with 3-D positions (runtime/positions.py); None (LLaVA-OneVision): visual
-        tokens go in one run at the placeholder, closed by `image_newline`, with 1-D positions."""
+        """The prompt layout of a family with 3-D positions (aot_export/prompt_assembly.py); None (LLaVA-OneVision):
+        visual tokens go in one run at the placeholder, closed by `image_newline`, with 1-D positions."""
         return None
 
     @abstractmethod

@@ -199,8 +199,9 @@ class MergedGridAdapter(ModelAdapter):
     the processor's patches, the reference as Hugging Face's packed tower (`reference_encode`) followed by
     `AOTReducer`, and the language side of a `…ForConditionalGeneration` whose video is wrapped in
     <|vision_start|> … <|vision_end|> rather than closed by a learned vector (so `image_newline` is None and the
-    runtime places visual tokens by 3-D positions, runtime/positions.py)."""
+    runtime places visual tokens by 3-D positions, aot_export/prompt_assembly.py)."""
 
+    position_axes = 3                            # (t, h, w): the prompt places visual tokens by `video_layout`
     channels_last: ClassVar[bool]
     """How the processor flattens a patch: (channel, time, row, col) for a Conv3d embedding, or channel-last for
     a linear one (see `patchify`)."""

@@ -3,13 +3,15 @@
 
 Layout: `vision/` (the export directory, or the engine directory with the export's manifest recorded in
 bundle.json), `llm/` (the int4 ONNX decoder with its llm.json and genai_config.json), `text/tokenizer.json`,
-`text/embeddings.npy` (the LLM's input table [V, H]), `text/image_newline.npy` [H], `bundle.json`.
+`text/embeddings.npy` (the LLM's input table [V, H]), `text/image_newline.npy` [H] for a family that closes a video
+with it (LLaVA-OneVision), `bundle.json` (with the prompt description, `aot_export.prompt_assembly.PromptSpec`).
 
 Refused, each with one line naming the problem and the fix (`InputError`, exit 2): a file listed in bundle.json
 that is missing or whose sha256 differs (unless `verify_hashes=False`, the CLI's --skip-hash); parts whose model
 config hash differs from the bundle's (vision manifest or engine sidecar, llm.json) or whose width differs from the
 LLM's; an engine whose sidecar does not name the bundle's export graph; a runtime dependency the bundle needs that
-is not installed.
+is not installed; a decoder without the 3-D positions its family's prompt needs; a frame count other than the
+vision graph's.
 """
 
 from __future__ import annotations
@@ -24,15 +26,18 @@ from typing import Any
 from aot_export.artifacts import sha256_file
 from aot_export.errors import InputError
 from aot_export.manifest import Manifest
+from aot_export.prompt_assembly import PromptSpec
 
 BUNDLE = "bundle.json"
-BUNDLE_SCHEMA = 1
+BUNDLE_SCHEMA = 2                      # 2: the prompt description (every family), the decoder's position axes
 VISION_DIR, LLM_DIR = "vision", "llm"
 TOKENIZER, EMBEDDINGS, NEWLINE = "text/tokenizer.json", "text/embeddings.npy", "text/image_newline.npy"
 REFUSED_ON = {
     "files": "a listed file missing, or its sha256 differs from bundle.json",
     "model": "vision manifest / engine sidecar or llm.json from a model whose config hash differs from the bundle's",
     "engine": "an engine sidecar that does not record the bundle's export graph, AOT config and model config",
+    "positions": "a decoder without 3-D position_ids for a family whose prompt places visual tokens by (t, h, w)",
+    "frames": "a frame count other than the one the vision graph takes",
     "runtime": "a dependency of this bundle missing here (onnxruntime, tokenizers; tensorrt for an engine bundle)",
 }
 # The Python module each vision flavour needs (engines.flavours; named here so the check needs no import of it).
@@ -47,6 +52,10 @@ class Bundle:
     @property
     def export_manifest(self) -> Manifest:
         return Manifest.from_dict(self.data["export_manifest"])
+
+    @property
+    def prompt_spec(self) -> PromptSpec:
+        return PromptSpec.from_dict(self.data["text"]["prompt"])
 
     @property
     def vision_kind(self) -> str:
@@ -77,6 +86,7 @@ def read_bundle(directory: str | os.PathLike, *, verify_hashes: bool = True) -> 
     check_runtime(bundle)
     check_files(bundle, verify_hashes)
     check_model(bundle)
+    check_prompt(bundle)
     return bundle
 
 
@@ -118,3 +128,22 @@ def check_model(bundle: Bundle) -> None:
             raise InputError(f"{bundle.directory}: {name} is from model {part.get('model_id')} (config "
                              f"{part.get('config_hash')}), not the bundle's {model['model_id']} (config "
                              f"{model['config_hash']}); rebuild the bundle from one model's export and LLM")
+
+
+def check_prompt(bundle: Bundle) -> None:
+    """The decoder takes the positions the family's prompt needs, and the frame count is the vision graph's —
+    refused before any weights load."""
+    spec, manifest = bundle.prompt_spec, bundle.export_manifest
+    axes = bundle.data["llm"].get("position_axes")
+    if spec.layout is not None and axes != 3:
+        raise InputError(f"{bundle.directory}: {manifest.model['model_id']} places visual tokens at 3-D (t, h, w) "
+                         "positions but the bundle's decoder takes no 3-D position_ids; rebuild the LLM with "
+                         "`aot-export quantize-llm --model` the exported model, then the bundle")
+    if spec.layout is None and axes != 1:
+        raise InputError(f"{bundle.directory}: the decoder takes 3-D position_ids, which "
+                         f"{manifest.model['model_id']} does not give; rebuild the LLM with `aot-export "
+                         "quantize-llm --model` the exported model, then the bundle")
+    if bundle.data["frames"] != manifest.video_frames:
+        raise InputError(f"{bundle.directory}: bundle.json says {bundle.data['frames']} frames but its vision graph "
+                         f"takes {manifest.video_frames}; a frame count is fixed at export: export again with "
+                         "--frames N and rebuild the bundle")

@@ -18,6 +18,7 @@ import numpy as np
 from aot_export.errors import InputError
 from aot_export.manifest import read_manifest
 from aot_export.preprocess import Preprocessing, preprocess_frames
+from aot_export.prompt_assembly import AssembledPrompt
 from aot_export.report import format_table
 from aot_export.runners import OnnxRuntimeRunner, VisionRunner, onnxruntime_providers
 from aot_export.video import decode_frames
@@ -25,7 +26,7 @@ from aot_export.video import decode_frames
 from .bundle import EMBEDDINGS, LLM_DIR, NEWLINE, TOKENIZER, VISION_DIR, Bundle, read_bundle
 from .decoder import OrtDecoder
 from .latency import repeat_stages
-from .text import DeviceText, PromptText
+from .text import DeviceText
 
 TTFT = "time to first token"
 TTFT_STAGES = ("decode", "preprocess", "vision + AOT", "vision", "prompt assembly", "LLM prefill")
@@ -37,7 +38,7 @@ class RunReport:
     reduced: bool
     vision_backend: str
     llm_backend: str
-    visual_tokens: int                     # positions the video takes in the prompt (tokens + newline)
+    visual_tokens: int                     # positions the video takes in the prompt (tokens, + LLaVA's newline)
     prompt_tokens: int
     generated_tokens: int
     seconds: dict[str, float] = field(default_factory=dict)
@@ -95,11 +96,11 @@ class DevicePipeline:
         self.bundle = bundle if isinstance(bundle, Bundle) else read_bundle(bundle, verify_hashes=verify_hashes)
         data, root = self.bundle.data, self.bundle.directory
         self.preprocessing = Preprocessing.from_dict(data["preprocessing"])
-        self.frames = data["frames"]
-        text = data["text"]
-        self.text = DeviceText(root / TOKENIZER, root / EMBEDDINGS, root / NEWLINE,
-                               PromptText(text["chat"]["before"], text["chat"]["after"], text["video_token_id"],
-                                          tuple(text["special_tokens"])), text["eos_token_id"])
+        self.frames = data["frames"]                                  # decoded frames the graph takes
+        self.aot_frames = self.bundle.export_manifest.aot.frames         # grids: the prompt's frames
+        spec = self.bundle.prompt_spec
+        self.text = DeviceText(root / TOKENIZER, root / EMBEDDINGS, root / NEWLINE if spec.layout is None else None,
+                               spec, data["text"]["eos_token_id"])
         self.vision = self._vision(device, intra_op_threads, allow_spinning, verify_hashes)
         providers = onnxruntime_providers(device)
         self.llm = OrtDecoder(root / LLM_DIR, tuple(providers), kv=kv, intra_op_threads=intra_op_threads,
@@ -145,20 +146,23 @@ class DevicePipeline:
         pixels = preprocess_frames(frames, self.preprocessing)
         seconds["preprocess"] = time.perf_counter() - start
         start = time.perf_counter()
-        visual = self.vision.run(pixels)["tokens"]          # the TensorRT runner synchronizes its stream
+        outputs = self.vision.run(pixels)                    # the TensorRT runner synchronizes its stream
         seconds["vision + AOT"] = time.perf_counter() - start
         start = time.perf_counter()
-        ids = self.text.prompt_ids(prompt)
-        embeds, video_positions = self.text.assemble(ids, visual)
+        assembled = self.assemble(prompt, outputs)
         seconds["prompt assembly"] = time.perf_counter() - start
-        generation = self.llm.generate(embeds, max_new_tokens, self.text.embed_token, eos=self.text.eos_token_id)
+        generation = self.generate(assembled, max_new_tokens)
         seconds["LLM prefill"] = generation.prefill_s
         seconds["LLM decode"] = generation.decode_s
-        return RunReport(self.text.decode(generation.tokens), True, self.vision.name, self.llm.name, video_positions,
-                         embeds.shape[1], len(generation.tokens), with_ttft(seconds),
+        return RunReport(self.text.decode(generation.tokens), True, self.vision.name, self.llm.name,
+                         assembled.visual_tokens, assembled.length, len(generation.tokens), with_ttft(seconds),
                          generation.decode_tokens_per_s, settings=self.settings)
 
-    def generate(self, embeds: np.ndarray, max_new_tokens: int, forced: list[int] | None = None):
-        """The LLM alone on assembled embeddings (for validation against the reference chain)."""
-        return self.llm.generate(embeds, max_new_tokens, self.text.embed_token, eos=self.text.eos_token_id,
-                                 forced=forced)
+    def assemble(self, prompt: str, outputs: dict[str, np.ndarray]) -> AssembledPrompt:
+        """The vision graph's `tokens` and `index` in the family's prompt (the one assembly)."""
+        return self.text.assemble(prompt, outputs["tokens"], outputs["index"], self.aot_frames)
+
+    def generate(self, prompt: AssembledPrompt, max_new_tokens: int, forced: list[int] | None = None):
+        """The LLM on an assembled prompt (its 3-D positions, where it has them)."""
+        return self.llm.generate(prompt.embeds, max_new_tokens, self.text.embed_token, eos=self.text.eos_token_id,
+                                 forced=forced, position_ids=prompt.position_ids)

@@ -59,7 +59,7 @@ class RunReport:
             timing = format_table([(stage, f"{seconds * 1e3:.1f} ms") for stage, seconds in self.seconds.items()],
                                   ("stage", "latency"))
         rows = [("decode tokens/s", f"{self.decode_tokens_per_s:.1f}"),
-                ("visual tokens (incl. newline)", self.visual_tokens), ("prompt tokens", self.prompt_tokens),
+                ("visual tokens in the prompt", self.visual_tokens), ("prompt tokens", self.prompt_tokens),
                 ("generated tokens", self.generated_tokens),
                 ("backends", f"vision {self.vision_backend}{' + AOT' if self.reduced else ', no reduction'}, "
                              f"LLM {self.llm_backend}")]

@@ -275,7 +275,7 @@ def _quantize_llm(args: argparse.Namespace) -> int:
     check_destination(args.out, "llm", args.force)
     adapter = load_model(args.model)
     out = build_onnx_decoder(adapter, args.out, precision=args.precision, execution_provider=args.ep,
-                             progress=not args.quiet, force=args.force)
+                             progress=not args.quiet, force=args.force, release_weights=True)
     size = sum(p.stat().st_size for p in out.iterdir())
     print(format_table([("model", adapter.info.model_id), ("precision", args.precision),
                         ("execution provider", args.ep), ("size", f"{size / 1e6:.1f} MB"), ("written", str(out))],

@@ -318,9 +318,10 @@ def check_settings(precision: str, execution_provider: str) -> None:
 
 
 def export_decoder(adapter, staging: Path, work: Path, precision: str = "int4", execution_provider: str = "cpu",
-                   progress: bool = True) -> dict:
+                   progress: bool = True, release_weights: bool = False) -> dict:
     """The adapter's text model (`decoder()`) → `staging`/model.onnx (+ .data) and genai_config.json; returns
-    what llm.json records of how it was built. `work`: a scratch directory."""
+    what llm.json records of how it was built. `work`: a scratch directory; `release_weights`: the adapter's weights
+    are freed once the graph is traced (the graph holds its own copy)."""
     check_settings(precision, execution_provider)
     stack, lm_head = adapter.decoder()
     # A family that places video tokens by 3-D positions has a text model with 3-D rotary sections; the others'
@@ -331,6 +332,9 @@ def export_decoder(adapter, staging: Path, work: Path, precision: str = "int4", 
     try:
         with stages.step():
             export_graph(stack, lm_head, shape, work / GRAPH)
+            if release_weights:
+                del stack, lm_head
+                adapter.release_weights()
             model = onnx.load(str(work / GRAPH))
         details = {"attention": "com.microsoft.GroupQueryAttention"}
         if precision == "int4":

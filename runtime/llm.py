@@ -129,10 +129,13 @@ GENAI_BUILDER = "onnxruntime_genai.models.builder"
 
 
 def run_genai_builder(adapter, staging: Path, work: Path, precision: str, execution_provider: str,
-                      progress: bool) -> dict:
+                      progress: bool, release_weights: bool = False) -> dict:
     """The checkpoint's language model → onnxruntime-genai's model builder (`inputs_embeds` in, no embedding table:
-    the runtime embeds text itself) → `staging`; returns what llm.json records of how it was built (nothing more)."""
+    the runtime embeds text itself) → `staging`; returns what llm.json records of how it was built (nothing more).
+    `release_weights`: the adapter's weights are freed once the checkpoint is written (the builder loads its own)."""
     source = adapter.save_language_model(work / "hf")
+    if release_weights:
+        adapter.release_weights()
     command = [sys.executable, "-m", GENAI_BUILDER, "-i", str(source), "-o", str(staging),
                "-p", precision, "-e", execution_provider, "-c", str(work / "cache"),
                "--extra_options", "exclude_embeds=true"]
@@ -156,21 +159,25 @@ def decoder_builder(adapter, precision: str, execution_provider: str) -> tuple[s
 
 
 def build_onnx_decoder(adapter, out_dir: str | os.PathLike, precision: str = "int4",
-                       execution_provider: str = "cpu", progress: bool = True, force: bool = False) -> Path:
+                       execution_provider: str = "cpu", progress: bool = True, force: bool = False,
+                       release_weights: bool = False) -> Path:
     """The checkpoint's language model as an ONNX decoder with `inputs_embeds` in → `out_dir` with `llm.json`:
     onnxruntime-genai's model builder where it takes the family's text model (`adapter.genai_builder`), otherwise
     the text model exported with torch.onnx, int4 by ONNX Runtime's MatMulNBits quantizer
     (runtime/decoder_export.py); llm.json's `builder` says which. `force` replaces an existing ONNX LLM there;
-    anything else is refused."""
+    anything else is refused. `release_weights` (the CLI, which needs the model no further): the adapter's weights
+    are freed as soon as the route has what it needs of them — measured, `quantize-llm` of qwen2.5-vl-3b-random held
+    15 GB beside the builder's own copy and did not fit in 24 GB."""
     if precision not in ("int4", "fp32", "fp16"):
         raise InputError(f"precision {precision!r}: the ONNX LLM is built as int4, fp16 or fp32")
     builder, build = decoder_builder(adapter, precision, execution_provider)
     out_dir = Path(out_dir)
-    decoder, _ = adapter.decoder()
     bytes_per_weight = {"int4": 1, "fp16": 2, "fp32": 4}[precision]
-    check_destination(out_dir, "llm", force, sum(p.numel() for p in decoder.parameters()) * bytes_per_weight)
+    weights = sum(p.numel() for p in adapter.decoder()[0].parameters())
+    check_destination(out_dir, "llm", force, weights * bytes_per_weight)
     with tempfile.TemporaryDirectory() as work, atomic_dir(out_dir, "llm", force) as staging:
-        details = build(adapter, staging, Path(work), precision, execution_provider, progress)
+        details = build(adapter, staging, Path(work), precision, execution_provider, progress,
+                        release_weights=release_weights)
         files = sorted(p.name for p in staging.iterdir())
         manifest = {"model_id": adapter.info.model_id, "config_hash": adapter.info.config_hash,
                     "hidden_size": adapter.info.hidden, "precision": precision,

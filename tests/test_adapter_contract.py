@@ -125,3 +125,17 @@ def test_builtin_adapter_meets_the_declared_shapes(tiny):
         assert out.last_hidden_state.shape == (1, 3, hidden)
         assert lm_head(out.last_hidden_state[:, -1]).shape[:1] == (1,)
     assert tiny.tokenizer.convert_ids_to_tokens(tiny.video_token_id) == "<video>"
+
+
+@pytest.mark.parametrize("model", ["tiny-llava-ov", "tiny-cosmos3-edge"])
+def test_release_weights_empties_the_model_and_keeps_its_identity(model):
+    """`quantize-llm` frees the weights once its route has what it needs (a 3B model did not fit otherwise)."""
+    from aot_export.adapters import load_model
+
+    adapter = load_model(model)
+    stack, _ = adapter.decoder()
+    before = sum(p.numel() for p in stack.parameters())
+    info = adapter.info
+    adapter.release_weights()
+    assert before > 0 and sum(p.numel() for p in stack.parameters()) == 0
+    assert adapter.info == info and adapter.context_length > 0

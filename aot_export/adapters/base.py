@@ -171,6 +171,15 @@ class ModelAdapter(ABC):
     `save_language_model` writes); where it does not, `aot-export quantize-llm` exports `decoder()` itself with
     torch.onnx (runtime/decoder_export.py)."""
 
+    def release_weights(self) -> None:
+        """Empty every parameter and buffer of the modules the adapter holds, for a command that needs no weights
+        past a point (a 3B model's 15 GB of fp32 would otherwise sit beside the copy a builder process or an ONNX
+        graph holds); afterwards the adapter still answers `info`, `context_length` and the like, but computes
+        nothing."""
+        modules = [value for value in vars(self).values() if isinstance(value, nn.Module)]
+        for tensor in [t for module in modules for t in (*module.parameters(), *module.buffers())]:
+            tensor.data = torch.empty(0, dtype=tensor.dtype)
+
     @abstractmethod
     def save_language_model(self, directory: Path) -> Path:
         """Write the LLM alone as a Hugging Face causal-LM checkpoint (config, safetensors, tokenizer when there is

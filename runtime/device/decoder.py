@@ -149,8 +149,8 @@ class OrtDecoder:
                              "pair the bundle's parts from one model")
         if position_ids is not None and self.position_axes != 3:
             raise InputError(f"{self.directory}: this ONNX decoder has no 3-D position_ids input, so it cannot place "
-                             "visual tokens at their (t, h, w) positions; rebuild it with `aot-export quantize-llm --model` "
-                             "the exported model (or use --llm transformers)")
+                             "visual tokens at their (t, h, w) positions; rebuild it with `aot-export quantize-llm "
+                             "--model` the exported model (or use --llm transformers)")
         positions = Positions(position_ids)
         run = self._bound if self.kv == "bound" else self._numpy
         return run(embeds, max_new_tokens, embed, eos, forced, positions)

@@ -209,7 +209,7 @@ class DecoderShape:
     head_size: int
     hidden: int
     vocab: int
-    position_axes: int          # 3: explicit 3-D rotary positions are an input; 0: derived from the mask
+    position_axes: int          # as `ModelAdapter.position_axes`: 3, an explicit input; 1, derived from the mask
 
     @classmethod
     def of(cls, stack: nn.Module, position_axes: int) -> "DecoderShape":
@@ -217,6 +217,10 @@ class DecoderShape:
         head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         return cls(config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads, head,
                    config.hidden_size, config.vocab_size, position_axes)
+
+    @property
+    def explicit_positions(self) -> bool:
+        return self.position_axes == 3
 
     @property
     def past_names(self) -> list[str]:
@@ -229,7 +233,7 @@ class DecoderShape:
     @property
     def input_names(self) -> list[str]:
         return ["inputs_embeds", "attention_mask", *self.past_names,
-                *(["position_ids"] if self.position_axes else [])]
+                *(["position_ids"] if self.explicit_positions else [])]
 
 
 def example_inputs(shape: DecoderShape, past: int = 3, length: int = 4) -> tuple:
@@ -237,16 +241,16 @@ def example_inputs(shape: DecoderShape, past: int = 3, length: int = 4) -> tuple
     g = torch.Generator().manual_seed(0)
     cache = tuple(torch.randn(1, shape.kv_heads, past, shape.head_size, generator=g)
                   for _ in range(2 * shape.layers))
-    positions = torch.arange(past, past + length).expand(shape.position_axes, 1, length).clone()
+    positions = torch.arange(past, past + length).expand(3, 1, length).clone()
     return (torch.randn(1, length, shape.hidden, generator=g), torch.ones(1, past + length, dtype=torch.int64),
-            cache, *((positions,) if shape.position_axes else ()))
+            cache, *((positions,) if shape.explicit_positions else ()))
 
 
 def dynamic_shapes(shape: DecoderShape) -> tuple:
     Dim = torch.export.Dim
     length, total, past = Dim("sequence_length"), Dim("total_sequence_length"), Dim("past_sequence_length")
     return ({1: length}, {1: total}, tuple({2: past} for _ in range(2 * shape.layers)),
-            *(({2: length},) if shape.position_axes else ()))
+            *(({2: length},) if shape.explicit_positions else ()))
 
 
 def export_graph(stack: nn.Module, lm_head: nn.Module, shape: DecoderShape, path: Path) -> None:
@@ -301,7 +305,7 @@ def genai_config(shape: DecoderShape, model_type: str, context_length: int) -> d
                     "num_attention_heads": shape.heads, "num_hidden_layers": shape.layers,
                     "num_key_value_heads": shape.kv_heads,
                     "inputs": {"inputs_embeds": "inputs_embeds", "attention_mask": "attention_mask",
-                               **({"position_ids": "position_ids"} if shape.position_axes else {}),
+                               **({"position_ids": "position_ids"} if shape.explicit_positions else {}),
                                "past_key_names": past + ".key", "past_value_names": past + ".value"},
                     "outputs": {"logits": "logits", "present_key_names": present + ".key",
                                 "present_value_names": present + ".value"}}},
@@ -325,8 +329,8 @@ def export_decoder(adapter, staging: Path, work: Path, precision: str = "int4", 
     check_settings(precision, execution_provider)
     stack, lm_head = adapter.decoder()
     # A family that places video tokens by 3-D positions has a text model with 3-D rotary sections; the others'
-    # positions are derived from the mask in the graph (0: no input).
-    shape = DecoderShape.of(stack, position_axes=3 if adapter.position_axes == 3 else 0)
+    # positions are derived from the mask in the graph.
+    shape = DecoderShape.of(stack, position_axes=adapter.position_axes)
     stages = Stages(["export (torch.onnx)", *(["int4 weights (MatMulNBits)"] if precision == "int4" else []),
                      "write"], show=progress)
     try:

@@ -87,6 +87,8 @@ class AssembledPrompt:
     embeds: np.ndarray                         # [1, L, H] float32
     position_ids: np.ndarray | None            # [3, 1, L] int64 rotary positions, or None (1-D, derived)
     visual_tokens: int                         # positions carrying visual tokens (and the newline, where there is one)
+    frame_of: np.ndarray                       # [L] int64 the video frame each position belongs to (its tokens, its
+                                               # block's stamp and end), −1 for text and whole-video wrappers
 
     @property
     def length(self) -> int:
@@ -159,6 +161,8 @@ class VideoBlocks:
     counts: np.ndarray           # [B] visual tokens per block
     order: np.ndarray            # [n] rows of the visual tokens in prompt order
     within: np.ndarray           # [n, 3] (t, row, col) of each, in prompt order, within its block's grid
+    frames: np.ndarray           # [n] the video frame of each, in prompt order
+    block_frames: np.ndarray     # [B] the frame a block belongs to (−1: the one block of the whole video)
 
 
 def video_blocks(spec: PromptSpec, tokenizer: Any, index: np.ndarray, frames: int,
@@ -167,18 +171,19 @@ def video_blocks(spec: PromptSpec, tokenizer: Any, index: np.ndarray, frames: in
     index = np.asarray(index, np.int64)
     if not layout.per_frame:
         return VideoBlocks(np.asarray([layout.start_token], np.int64), np.asarray([1]), np.asarray([len(index)]),
-                           np.arange(len(index)), index)
+                           np.arange(len(index)), index, index[:, 0], np.asarray([-1]))
     order = np.argsort(index[:, 0], kind="stable")
     within = index[order] * np.asarray([0, 1, 1])
     stamps = [encode(tokenizer, layout.frame_stamp.format(s)) + [layout.start_token] for s in frame_seconds]
     return VideoBlocks(np.asarray([t for stamp in stamps for t in stamp], np.int64),
                        np.asarray([len(stamp) for stamp in stamps]), np.bincount(index[:, 0], minlength=frames),
-                       order, within)
+                       order, within, index[order, 0], np.arange(frames))
 
 
-def lay_out_3d(spec: PromptSpec, ids: np.ndarray, blocks: VideoBlocks) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(input ids [L], position ids [3, L], where the visual tokens go [n]) with the template's video wrapper
-    replaced by `blocks`; visual positions hold the video token id."""
+def lay_out_3d(spec: PromptSpec, ids: np.ndarray,
+               blocks: VideoBlocks) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(input ids [L], position ids [3, L], where the visual tokens go [n], the frame of each position [L]) with the
+    template's video wrapper replaced by `blocks`; visual positions hold the video token id."""
     begin, end = video_span(spec, ids)
     grid, layout = spec.grid, spec.layout
     opening, counts = blocks.opening_lengths, blocks.counts
@@ -192,16 +197,20 @@ def lay_out_3d(spec: PromptSpec, ids: np.ndarray, blocks: VideoBlocks) -> tuple[
     input_ids[:begin], positions[:, :begin] = ids[:begin], np.arange(begin)
     at = np.repeat(id_starts, opening) + ragged_arange(opening)
     input_ids[at], positions[:, at] = blocks.opening, np.repeat(pos_starts, opening) + ragged_arange(opening)
+    frame_of = np.full(length, -1, np.int64)
+    frame_of[at] = np.repeat(blocks.block_frames, opening)
     visual_at = np.repeat(id_starts + opening, counts) + ragged_arange(counts)
     t = np.floor(blocks.within[:, 0] * layout.time_interval).astype(np.int64)
     positions[:, visual_at] = (np.stack([t, blocks.within[:, 1], blocks.within[:, 2]])
                                + np.repeat(pos_starts + opening, counts))
+    frame_of[visual_at] = blocks.frames
     end_at = id_starts + opening + counts
     input_ids[end_at], positions[:, end_at] = layout.end_token, pos_starts + opening + grid
+    frame_of[end_at] = blocks.block_frames
     tail = begin + int((opening + counts + 1).sum())
     text_resumes = int(pos_starts[-1] + opening[-1] + grid + 1)
     input_ids[tail:], positions[:, tail:] = after, text_resumes + np.arange(len(after))
-    return input_ids, positions, visual_at
+    return input_ids, positions, visual_at, frame_of
 
 
 def check_width(visual: np.ndarray, hidden: int) -> None:
@@ -230,6 +239,9 @@ def assemble_prompt(spec: PromptSpec, tokenizer: Any, prompt: str, visual: np.nd
         at = int(np.flatnonzero(ids == spec.video_token_id)[0])
         input_ids = np.concatenate([ids[:at], np.full(len(video), spec.video_token_id), ids[at + 1:]])
         slots, rows, positions = at + np.arange(len(video)), np.arange(len(video)), None
+        frame_of = np.full(len(input_ids), -1, np.int64)
+        if index is not None and len(index) == len(visual):
+            frame_of[slots[:-1]] = np.asarray(index, np.int64)[:, 0]
     else:
         if index is None or len(index) != len(visual):
             raise InputError(f"the vision output has {len(visual)} tokens but "
@@ -239,10 +251,10 @@ def assemble_prompt(spec: PromptSpec, tokenizer: Any, prompt: str, visual: np.nd
         frames = frames if frames is not None else int(index[:, 0].max()) + 1
         seconds = frame_seconds if frame_seconds is not None else np.arange(frames, dtype=np.float64)
         blocks = video_blocks(spec, tokenizer, index, frames, seconds)
-        input_ids, flat_positions, slots = lay_out_3d(spec, ids, blocks)
+        input_ids, flat_positions, slots, frame_of = lay_out_3d(spec, ids, blocks)
         video, rows, positions = visual, blocks.order, flat_positions[:, None, :]
     refuse_overlong(spec, len(input_ids), "the prompt with its visual tokens")
     embeds = np.array(embed(input_ids), dtype=np.float32)
     check_width(video, embeds.shape[-1])
     embeds[slots] = video[rows]
-    return AssembledPrompt(input_ids, embeds[None], positions, len(slots))
+    return AssembledPrompt(input_ids, embeds[None], positions, len(slots), frame_of)

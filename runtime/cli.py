@@ -224,9 +224,8 @@ def _add_run(parser: argparse.ArgumentParser) -> None:
 def _device_pipeline(args: argparse.Namespace):
     from runtime.device.pipeline import DevicePipeline
 
-    for option, value in (("--backend", args.backend), ("--export", args.export), ("--no-reduce", args.no_reduce),
-                          ("--llm", args.llm)):
-        if value:
+    for option in ("--backend", "--export", "--no-reduce", "--llm"):
+        if getattr(args, option[2:].replace("-", "_"), None):
             raise InputError(f"{option} does not apply to a bundle (it holds its vision artifact, checked against "
                              "its export, and its LLM); drop it, or run the export/engine directory instead")
     return DevicePipeline(args.model, device=args.device, intra_op_threads=args.threads,
@@ -236,12 +235,88 @@ def _device_pipeline(args: argparse.Namespace):
 def _add_run_latency(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=non_negative_int, default=0, help="untimed runs before the timed ones (0)")
     parser.add_argument("--repeat", type=positive_int, default=1, help="timed runs: p50 / p90 / max per stage (1)")
+    _add_device_settings(parser)
+
+
+def _add_device_settings(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="bundle: ONNX Runtime intra-op threads per session (default: one per core)")
     parser.add_argument("--spinning", choices=("on", "off"), default="off",
                         help="bundle: ONNX Runtime intra-op thread spinning (off: docs/benchmarks.md)")
     parser.add_argument("--kv", choices=("bound", "numpy"), default="bound",
                         help="bundle: KV cache bound in place with IOBinding (default) or copied through numpy")
+
+
+# ---- live video: `live --model BUNDLE --source SRC` (issue #19) ------------------------------------------------
+def _live(args: argparse.Namespace) -> int:
+    from aot_export.sources import open_source
+    from runtime.device.bundle import is_bundle
+    from runtime.device.live import AnswerToken, ClipReduced, End, LiveSettings, live_events, stdin_questions
+
+    if not is_bundle(args.model):
+        raise InputError(f"--model {args.model}: live runs a bundle (`aot-export bundle`); pass its directory")
+    # A file or recording read flat out waits for the pipeline; a live source (or --realtime) cannot, so it drops.
+    flat_out = not args.realtime and (Path(args.source).is_file() or Path(args.source).is_dir())
+    settings = LiveSettings(fps=args.fps, window_s=args.window, prompt=args.prompt,
+                            max_new_tokens=args.max_new_tokens, eviction=args.eviction, pending=args.pending,
+                            drop=not flat_out, duration_s=args.duration)
+    settings.check()
+    pipeline = _device_pipeline(args)
+    events: list[dict] = []
+    seen, end = 0, None
+    with pipeline:
+        source = open_source(args.source, realtime=args.realtime, stall_timeout=args.stall_timeout,
+                             topic=args.topic)
+        questions = None if args.prompt is not None else stdin_questions()
+        stream = live_events(pipeline, source, settings, questions)
+        try:
+            for event in stream:
+                seen += 1
+                if len(events) < MAX_LOGGED_EVENTS:
+                    events.append(event.to_dict())
+                if isinstance(event, End):
+                    end = event
+                if not isinstance(event, AnswerToken) and (not args.quiet or not isinstance(event, ClipReduced)):
+                    print(event.line(), flush=True)
+        finally:
+            stream.close()
+            summary = {"source": args.source, "settings": {k: v for k, v in vars(settings).items()
+                                                           if k != "counters"},
+                       "end": None if end is None else end.to_dict(), "events": events,
+                       "events_left_out": seen - len(events)}
+            write_json(args.json, summary)
+    return EXIT_OK
+
+
+# The --json log keeps this many events (a 10-minute stream at 1 clip / 4 s with answers is ~600).
+MAX_LOGGED_EVENTS = 20000
+
+
+def _add_live(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="bundle directory (`aot-export bundle`)")
+    parser.add_argument("--source", required=True,
+                        help="video file, rtsp:// http(s):// tcp:// udp:// URL, /dev/videoN camera, or a ROS 2 "
+                             "recording (rosbag2 directory or .mcap)")
+    parser.add_argument("--window", type=float, default=30.0, help="seconds of stream the LLM keeps (30)")
+    parser.add_argument("--fps", type=float, default=1.0, help="frames sampled per stream second (1)")
+    parser.add_argument("--prompt", default=None,
+                        help="a standing prompt asked again after every clip (default: questions read from stdin, "
+                             "one per line)")
+    parser.add_argument("--realtime", action="store_true",
+                        help="play a file or recording at its own rate (clips dropped when the pipeline is behind)")
+    parser.add_argument("--topic", default=None, help="ROS 2 recording: the image topic (default: the only one)")
+    parser.add_argument("--stall-timeout", type=float, default=10.0,
+                        help="seconds without a frame before a stream is ended as stalled (10)")
+    parser.add_argument("--duration", type=float, default=None, help="stop after this many seconds of stream")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=32, help="most tokens per answer (32)")
+    parser.add_argument("--eviction", choices=("shift", "reprefill"), default="shift",
+                        help="how the oldest clip leaves a full window: its slots dropped and later keys turned to "
+                             "their new positions (shift), or the kept clips prefilled again (docs/benchmarks.md)")
+    parser.add_argument("--pending", type=positive_int, default=1,
+                        help="clips waiting for the pipeline before the oldest is dropped (1)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="ONNX Runtime device (auto: CUDA when available)")
+    _add_device_settings(parser)
 
 
 def _bundle(args: argparse.Namespace) -> int:
@@ -500,6 +575,8 @@ COMMANDS: dict[str, Command] = {
                      _add_bench, _bench),
     "visualize": Command("a PNG of what AOT keeps, merges and drops on a video", _add_visualize, _visualize),
     "run": Command("answer a prompt about a video: vision (+AOT) → LLM, with a latency table", _add_run, _run),
+    "live": Command("answer questions about a live stream (camera, network, file, ROS 2 recording) while it plays",
+                    _add_live, _live),
     "demo": Command("the whole chain on the built-in default, no arguments needed", _add_demo, _demo),
     "bundle": Command("export/engine + ONNX LLM → one directory the device runtime runs (no torch)",
                       _add_bundle, _bundle),

@@ -158,6 +158,24 @@ def decoder_builder(adapter, precision: str, execution_provider: str) -> tuple[s
     return BUILDER, export_decoder
 
 
+def rotary_turns(adapter) -> list[list[float]] | None:
+    """[axes, head_size] radians each key dimension turns per unit step of each rotary position axis, read from the
+    model's own rotary module (its sections and their order included); None where the stack has no such module.
+    Recorded in llm.json: the device moves a cached key to another position with it (`KVCache.drop`)."""
+    stack = adapter.decoder()[0]
+    rotary = getattr(stack, "rotary_emb", None)
+    if rotary is None:
+        return None
+    axes = adapter.position_axes
+    units = torch.eye(axes, dtype=torch.long)
+    turns = []
+    with torch.inference_mode():
+        for unit in units:
+            cos, sin = rotary(torch.zeros(1, 1, 1), unit.view(axes, 1, 1) if axes == 3 else unit.view(1, 1))
+            turns.append(torch.atan2(sin.double(), cos.double()).reshape(-1).tolist())
+    return turns
+
+
 def build_onnx_decoder(adapter, out_dir: str | os.PathLike, precision: str = "int4",
                        execution_provider: str = "cpu", progress: bool = True, force: bool = False,
                        release_weights: bool = False) -> Path:
@@ -175,6 +193,7 @@ def build_onnx_decoder(adapter, out_dir: str | os.PathLike, precision: str = "in
     bytes_per_weight = {"int4": 1, "fp16": 2, "fp32": 4}[precision]
     weights = sum(p.numel() for p in adapter.decoder()[0].parameters())
     check_destination(out_dir, "llm", force, weights * bytes_per_weight)
+    rotary = rotary_turns(adapter)                       # before the route may release the weights
     with tempfile.TemporaryDirectory() as work, atomic_dir(out_dir, "llm", force) as staging:
         details = build(adapter, staging, Path(work), precision, execution_provider, progress,
                         release_weights=release_weights)
@@ -182,6 +201,7 @@ def build_onnx_decoder(adapter, out_dir: str | os.PathLike, precision: str = "in
         manifest = {"model_id": adapter.info.model_id, "config_hash": adapter.info.config_hash,
                     "hidden_size": adapter.info.hidden, "precision": precision,
                     "execution_provider": execution_provider, "builder": builder, **details,
+                    **({"rotary": rotary} if rotary is not None else {}),
                     "inputs_embeds": True, "files": hash_files(staging, files),
                     "sizes": {name: (staging / name).stat().st_size for name in files}}
         (staging / LLM_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

@@ -36,6 +36,14 @@ def tiny_llm(tiny, tmp_path_factory):
     return build_onnx_decoder(tiny, tmp_path_factory.mktemp("llm") / "int4", progress=False)
 
 
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny, tiny_export, tiny_llm, tmp_path_factory):
+    """A bundle of the tiny export and its int4 LLM (tests copy it before changing anything in it)."""
+    from runtime.bundle import write_bundle
+
+    return write_bundle(tiny_export, tiny_llm, tmp_path_factory.mktemp("bundle") / "b", adapter=tiny)
+
+
 SHARED_VIDEOS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "videos"
 
 

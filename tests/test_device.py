@@ -25,8 +25,8 @@ FORBIDDEN = ("torch", "transformers", "onnx", "onnxscript")
 
 
 @pytest.fixture(scope="module")
-def bundle(tiny, tiny_export, tiny_llm, tmp_path_factory):
-    return write_bundle(tiny_export, tiny_llm, tmp_path_factory.mktemp("bundle") / "b", adapter=tiny)
+def bundle(tiny_bundle):
+    return tiny_bundle
 
 
 @pytest.fixture(scope="module")

@@ -44,13 +44,17 @@ class Generation:
 
 
 def greedy(step: Callable[[np.ndarray], np.ndarray], embed: Callable[[int], np.ndarray], first_logits: np.ndarray,
-           max_new_tokens: int, eos: int | None, forced: list[int] | None) -> tuple[list[int], list[np.ndarray]]:
+           max_new_tokens: int, eos: int | None, forced: list[int] | None,
+           on_token: Callable[[int], None] | None = None) -> tuple[list[int], list[np.ndarray]]:
     """The decoding loop shared by every backend: `step(embedding [1,1,H]) -> logits [V]`; `forced` feeds the
-    given tokens instead of the argmax (teacher forcing, to compare two backends step by step)."""
+    given tokens instead of the argmax (teacher forcing, to compare two backends step by step); `on_token` sees each
+    token as it is chosen (streamed answers)."""
     tokens, logits = [], [first_logits]
     for i in range(max_new_tokens):
         token = forced[i] if forced is not None else int(np.argmax(logits[-1]))
         tokens.append(token)
+        if on_token is not None:
+            on_token(token)
         if i + 1 == max_new_tokens or (forced is None and token == eos):
             break
         logits.append(step(embed(token)))
@@ -134,6 +138,10 @@ class OrtDecoder:
         self.past_names = [f"past_key_values.{i}.{kind}" for i in range(self.layers) for kind in ("key", "value")]
         self.present_names = [name.replace("past_key_values", "present") for name in self.past_names]
         self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
+        # Radians each key dimension turns per unit step of each position axis (`quantize-llm` records them from the
+        # model's own rotary module); what a live window needs to move cached keys. None: an LLM built before.
+        rotary = self.manifest.get("rotary")
+        self.rotary = None if rotary is None else np.asarray(rotary, np.float64)
         self.name = f"onnx-{self.manifest['precision']}"
         self.settings = {"providers": list(self.providers), "kv": self.kv,
                          "intra_op_threads": self.intra_op_threads, "allow_spinning": self.allow_spinning}
@@ -183,40 +191,138 @@ class OrtDecoder:
         return Generation(tokens, logits, prefill, time.perf_counter() - start, embeds.shape[1])
 
     def _bound(self, embeds, max_new_tokens, embed, eos, forced, positions: "Positions") -> Generation:
-        import onnxruntime as ort
-
-        length = embeds.shape[1]
-        capacity = length + max_new_tokens
-        shape = (1, self.kv_heads, capacity, self.head_size)
-        cache = [ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, self.device) for _ in self.past_names]
-        # GroupQueryAttention reads the valid length from the mask's sum and writes at that offset, so the buffer's
-        # unused (uninitialised) tail is never read: the test against the numpy loop holds the logits to 1e-5.
-        binding = self.session.io_binding()
-        # Logits come back to the host (argmax, reports); the cache stays where the session runs.
-        binding.bind_output("logits", "cpu")                    # first: get_outputs()[0] is the logits
-        for past, present, value in zip(self.past_names, self.present_names, cache):
-            binding.bind_ortvalue_input(past, value)
-            binding.bind_ortvalue_output(present, value)
-        mask = np.ones((1, capacity), np.int64)
-
-        def forward(inputs: np.ndarray, total: int) -> np.ndarray:
-            binding.bind_cpu_input("inputs_embeds", inputs)
-            binding.bind_cpu_input("attention_mask", mask[:, :total])
-            for name, value in positions.feed().items():
-                binding.bind_cpu_input(name, value)
-            binding.bind_output("logits", "cpu")
-            self.session.run_with_iobinding(binding)
-            return binding.get_outputs()[0].numpy()[0, -1]
-
+        # Room for a few tokens more than the prompt; the cache grows if the answer runs longer.
+        cache = KVCache(self, embeds.shape[1] + min(max_new_tokens, 64))
         start = time.perf_counter()
-        first = forward(embeds, length)
+        first = cache.append(embeds, positions.feed().get("position_ids"))
         prefill = time.perf_counter() - start
 
         def step(embedding: np.ndarray) -> np.ndarray:
-            nonlocal length
-            length += 1
-            return forward(np.ascontiguousarray(embedding, dtype=np.float32), length)
+            return cache.append(embedding, positions.feed().get("position_ids"))
 
         start = time.perf_counter()
         tokens, logits = greedy(step, embed, first, max_new_tokens, eos, forced)
         return Generation(tokens, logits, prefill, time.perf_counter() - start, embeds.shape[1])
+
+    def cache(self, capacity: int) -> "KVCache":
+        """A cache kept across calls (the live window): see `KVCache`."""
+        return KVCache(self, capacity)
+
+
+def rotate_keys(keys: np.ndarray, turns: np.ndarray) -> np.ndarray:
+    """keys [..., n, D] rotated by `turns` [n, D] radians in the rotate-half layout every family here uses (dimension
+    i pairs with i + D/2): the rotary embedding composes, so R(a)·R(p)·k = R(p + a)·k — a cached key moves to another
+    position without its token being run again."""
+    half = keys.shape[-1] // 2
+    cos, sin = np.cos(turns).astype(np.float32), np.sin(turns).astype(np.float32)
+    rotated_half = np.concatenate([-keys[..., half:], keys[..., :half]], axis=-1)
+    return keys * cos + rotated_half * sin
+
+
+class KVCache:
+    """One decoder's cache kept across calls, as the live window needs it: one [1, kv_heads, capacity, head_size]
+    buffer per layer and side, bound to the session as both past input and present output (GroupQueryAttention
+    appends in place from the valid length the mask gives, so nothing is copied per call).
+
+    `append(embeds, positions)` runs the decoder on the next tokens (a segment of a prompt, or one generated token)
+    and returns the last token's logits; `rewind(length)` takes back everything after `length` (a question and its
+    answer leave the window as it was); `drop(begin, end, new_positions)` removes slots [begin, end) and moves the
+    rest down, turning each moved key to its new rotary position (`rotary` [axes, head_size]: radians per unit step
+    of each position axis, recorded by `quantize-llm`). The buffers grow when a call needs more room (copied once),
+    so a cache is sized by what it holds, never by a request up front.
+
+    `positions` [axes, capacity] records every cached token's rotary position: the explicit ids where the decoder
+    takes them, else its slot (a plain decoder derives positions from the valid length)."""
+
+    def __init__(self, decoder: "OrtDecoder", capacity: int):
+        self.decoder = decoder
+        self.explicit = decoder.position_axes == 3
+        self.length = 0
+        self.positions = np.zeros((3 if self.explicit else 1, 0), np.int64)
+        self.binding = decoder.session.io_binding()
+        # Logits come back to the host (argmax, reports); bound first, so get_outputs()[0] is them.
+        self.binding.bind_output("logits", "cpu")
+        self.buffers: list[np.ndarray] = []
+        self._allocate(max(capacity, 1))
+
+    @property
+    def capacity(self) -> int:
+        return self.buffers[0].shape[2]
+
+    def _allocate(self, capacity: int) -> None:
+        import onnxruntime as ort
+
+        shape = (1, self.decoder.kv_heads, capacity, self.decoder.head_size)
+        old = self.buffers
+        # Host buffers the OrtValues share (CPU): the cache is moved and rotated in place by numpy.
+        self.buffers = [np.zeros(shape, np.float32) for _ in self.decoder.past_names]
+        for new, previous in zip(self.buffers, old):
+            new[:, :, :self.length] = previous[:, :, :self.length]
+        self.values = [ort.OrtValue.ortvalue_from_numpy(b, self.decoder.device) for b in self.buffers]
+        for past, present, value in zip(self.decoder.past_names, self.decoder.present_names, self.values):
+            self.binding.bind_ortvalue_input(past, value)
+            self.binding.bind_ortvalue_output(present, value)
+        self.positions = np.concatenate([self.positions, np.zeros((self.positions.shape[0], capacity
+                                                                   - self.positions.shape[1]), np.int64)], axis=1)
+
+    def _sync_from_device(self) -> None:
+        if self.decoder.device != "cpu":
+            for buffer, value in zip(self.buffers, self.values):
+                buffer[...] = value.numpy()
+
+    def _sync_to_device(self) -> None:
+        if self.decoder.device != "cpu":
+            for buffer, value in zip(self.buffers, self.values):
+                value.update_inplace(buffer)
+
+    def reserve(self, extra: int) -> None:
+        """Room for `extra` more tokens (the buffers grow by at least half, so growth is rare)."""
+        if self.length + extra > self.capacity:
+            self._sync_from_device()
+            self._allocate(max(self.length + extra, self.capacity + self.capacity // 2))
+
+    def append(self, embeds: np.ndarray, position_ids: np.ndarray | None = None) -> np.ndarray:
+        """embeds [1, n, H] (explicit decoders: position_ids [3, 1, n]) → logits [V] of the last token."""
+        embeds = np.ascontiguousarray(embeds, dtype=np.float32)
+        count = embeds.shape[1]
+        self.reserve(count)
+        total = self.length + count
+        self.binding.bind_cpu_input("inputs_embeds", embeds)
+        self.binding.bind_cpu_input("attention_mask", np.ones((1, total), np.int64))
+        if self.explicit:
+            if position_ids is None:
+                raise InputError("this decoder takes 3-D position ids and none were given")
+            ids = np.ascontiguousarray(position_ids, dtype=np.int64)
+            self.binding.bind_cpu_input("position_ids", ids)
+            self.positions[:, self.length:total] = ids[:, 0]
+        else:
+            self.positions[0, self.length:total] = np.arange(self.length, total)
+        self.binding.bind_output("logits", "cpu")
+        self.decoder.session.run_with_iobinding(self.binding)
+        self.length = total
+        return self.binding.get_outputs()[0].numpy()[0, -1]
+
+    def rewind(self, length: int) -> None:
+        """Forget every token after the first `length` (their slots are overwritten by the next append)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"rewind to {length} of a cache holding {self.length}")
+        self.length = length
+
+    def drop(self, begin: int, end: int, rotary: np.ndarray, new_positions: np.ndarray | None = None) -> None:
+        """Remove slots [begin, end); the tokens after them move down to `begin` and take `new_positions`
+        [axes, moved] (a plain decoder: their new slots), their keys turned by the difference (values carry no
+        position). `rotary` [axes, head_size]: radians per unit step of each axis (`OrtDecoder.rotary`)."""
+        if not 0 <= begin <= end <= self.length:
+            raise ValueError(f"drop [{begin}, {end}) of a cache holding {self.length}")
+        moved = self.length - end
+        if new_positions is None:
+            new_positions = np.arange(begin, begin + moved)[None]
+        old = self.positions[:, end:self.length]
+        turns = (np.asarray(new_positions, np.int64) - old).T.astype(np.float64) @ np.asarray(rotary, np.float64)
+        self._sync_from_device()
+        for i, buffer in enumerate(self.buffers):
+            tail = buffer[:, :, end:self.length]
+            buffer[:, :, begin:begin + moved] = rotate_keys(tail, turns) if i % 2 == 0 else tail.copy()
+        self._sync_to_device()
+        self.positions[:, begin:begin + moved] = new_positions
+        self.length = begin + moved

@@ -11,7 +11,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -139,15 +139,27 @@ class DevicePipeline:
         frames = decode_frames(video, self.frames)
         return self.answer_frames(frames, prompt, max_new_tokens, {"decode": time.perf_counter() - start})
 
-    def answer_frames(self, frames: np.ndarray, prompt: str, max_new_tokens: int = 32,
-                      seconds: dict[str, float] | None = None) -> RunReport:
-        seconds = dict(seconds or {})
+    def reduce(self, frames: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        """[frames, H, W, 3] uint8 RGB → the vision graph's outputs (`tokens`, `index`) and the seconds of each
+        stage (preprocess, vision + AOT)."""
+        if len(frames) != self.frames:
+            raise InputError(f"{len(frames)} frames given, the bundle's vision graph takes {self.frames}")
         start = time.perf_counter()
         pixels = preprocess_frames(frames, self.preprocessing)
-        seconds["preprocess"] = time.perf_counter() - start
-        start = time.perf_counter()
+        preprocessed = time.perf_counter()
         outputs = self.vision.run(pixels)                    # the TensorRT runner synchronizes its stream
-        seconds["vision + AOT"] = time.perf_counter() - start
+        return outputs, {"preprocess": preprocessed - start, "vision + AOT": time.perf_counter() - preprocessed}
+
+    def live(self, source: Any, settings: Any, questions: Any = None) -> Iterator[Any]:
+        """Events of this bundle on a live source (`runtime.device.live.live_events`)."""
+        from .live import live_events
+
+        return live_events(self, source, settings, questions)
+
+    def answer_frames(self, frames: np.ndarray, prompt: str, max_new_tokens: int = 32,
+                      seconds: dict[str, float] | None = None) -> RunReport:
+        outputs, stages = self.reduce(frames)
+        seconds = {**(seconds or {}), **stages}
         start = time.perf_counter()
         assembled = self.assemble(prompt, outputs)
         seconds["prompt assembly"] = time.perf_counter() - start

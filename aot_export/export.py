@@ -52,8 +52,9 @@ class ExportResult:
 
 
 def export_vision_aot(model: str | ModelAdapter, cfg: AOTConfig, out_dir: str | os.PathLike,
-                      progress: bool = True, force: bool = False) -> ExportResult:
-    """`force` replaces an existing export at `out_dir`; anything else there is refused, never touched."""
+                      progress: bool = True, force: bool = False, extra: dict | None = None) -> ExportResult:
+    """`force` replaces an existing export at `out_dir`; anything else there is refused, never touched. `extra`: what
+    the manifest records besides (`{"stream": {"clips_per_call": 1}}`: a streaming export, `export --stream`)."""
     out_dir = Path(out_dir)
     check_destination(out_dir, "export", force)
     stages = Stages(["load model", "trace + export", "save", "check", "manifest"], progress)
@@ -76,7 +77,8 @@ def export_vision_aot(model: str | ModelAdapter, cfg: AOTConfig, out_dir: str | 
             inputs, outputs = tensor_specs(cfg, adapter)
             manifest = Manifest(model=adapter.info.to_dict(), aot=cfg, preprocessing=adapter.preprocessing,
                                 inputs=inputs, outputs=outputs, opset=OPSET,
-                                files=hash_files(staging, [f.name for f in files]), versions=library_versions())
+                                files=hash_files(staging, [f.name for f in files]), versions=library_versions(),
+                                extra=dict(extra or {}))
             manifest.write(staging)
     stages.close()
     return ExportResult(out_dir, manifest, stages.seconds)

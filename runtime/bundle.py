@@ -119,6 +119,10 @@ def write_bundle(model: str | os.PathLike, llm: str | os.PathLike, out: str | os
                            "flavour": sidecar.flavour if sidecar is not None else "onnxruntime"},
                 "export_manifest": export_manifest.to_dict(),
                 "frames": export_manifest.video_frames, "preprocessing": export_manifest.preprocessing.to_dict(),
+                # How `aot-export live` runs it: one call of the vision graph per `frames_per_call` sampled frames.
+                "stream": {"frames_per_call": export_manifest.video_frames,
+                           "clips_per_call": export_manifest.aot.clips,
+                           "stream_export": "stream" in export_manifest.extra},
                 "llm": {"precision": llm_manifest["precision"], "config_hash": llm_manifest["config_hash"],
                         "position_axes": position_axes},
                 "text": {"prompt": spec.to_dict(), "eos_token_id": tokenizer.eos_token_id,

@@ -22,6 +22,7 @@ from aot_export.report import format_table, peak_rss_mib, write_json
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 BACKENDS = ("torch", "onnxruntime", "tensorrt")          # runtime.vision.RUNNERS, without importing it for --help
 EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
+DEFAULT_FRAMES = 32
 # The team's footage beside a checkout, where the README's commands run from; a default of the shell, not the library.
 DEMO_FOOTAGE = "../shared/data/videos"
 EXPORT_STACK = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime_genai", "tqdm")   # pyproject [export]
@@ -65,6 +66,7 @@ def frames_shown(text: str) -> int | None:
 def _export(args: argparse.Namespace) -> int:
     from aot_export.adapters import load_model
     from aot_export.config import AOTConfig
+    from aot_export.config import SHORTEST_CLIP
     from aot_export.export import export_vision_aot, solve_config
 
     import time
@@ -73,6 +75,14 @@ def _export(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     adapter = load_model(args.model)
     load_seconds = time.perf_counter() - start
+    if args.stream:
+        # One clip per call (`aot-export live`): the graph's frames are the clip's.
+        if args.config or args.frames is not None:
+            raise InputError(f"--stream exports one clip, so it takes no {'--config' if args.config else '--frames'};"
+                             " set the clip's length with --clip-len (default 4)")
+        args.clip_len = args.clip_len or SHORTEST_CLIP
+        args.frames = args.clip_len * adapter.info.temporal_patch
+    args.frames = args.frames or DEFAULT_FRAMES
     if args.config:
         cfg = AOTConfig.from_json(_read_text(args.config))
     else:
@@ -80,7 +90,8 @@ def _export(args: argparse.Namespace) -> int:
                            args.keep, clip_len=args.clip_len, temporal_patch=adapter.info.temporal_patch,
                            **adapter.aot_fields())
         _print_clip_len_notice(args, adapter)
-    result = export_vision_aot(adapter, cfg, args.out, progress=not args.quiet, force=args.force)
+    result = export_vision_aot(adapter, cfg, args.out, progress=not args.quiet, force=args.force,
+                               extra={"stream": {"clips_per_call": 1}} if args.stream else None)
     result.seconds["load model"] = load_seconds
     sizes = {name: (result.directory / name).stat().st_size for name in result.manifest.files}
     rows = [("model", adapter.info.model_id), ("frames", cfg.frames * adapter.info.temporal_patch),
@@ -88,6 +99,7 @@ def _export(args: argparse.Namespace) -> int:
             ("retention", f"{cfg.retention:.2%}"),
             ("anchors / pooled anchors / keep", f"{cfg.anchors} / {cfg.pooled_anchors} / {cfg.keep}"),
             ("frames per clip", cfg.clip_len * adapter.info.temporal_patch),
+            ("clips per call", f"{cfg.clips}{' (--stream: for aot-export live)' if args.stream else ''}"),
             *[(f"{name}", f"{size / 1e6:.1f} MB") for name, size in sizes.items()],
             *[(f"time: {stage}", f"{seconds:.1f} s") for stage, seconds in result.seconds.items()],
             ("peak RSS", f"{peak_rss_mib():.0f} MiB"), ("written", str(result.directory))]
@@ -113,12 +125,15 @@ def _add_export(parser: argparse.ArgumentParser) -> None:
                         help="built-in model (tiny-llava-ov, llava-ov-0.5b-random) or a local checkpoint directory")
     _add_budget(parser, frames_help="frames per video, static in the graph (32)")
     parser.add_argument("--config", default=None, metavar="JSON", help="a full AOTConfig as JSON (overrides the above)")
+    parser.add_argument("--stream", action="store_true",
+                        help="a streaming export for `aot-export live`: the graph holds one clip of --clip-len "
+                             "frames (default 4), run once per clip as a stream arrives")
     parser.add_argument("--out", required=True, help="export directory to write (new, empty, or an export with --force)")
     parser.add_argument("--force", action="store_true", help="replace an existing export at --out")
 
 
 def _add_budget(parser: argparse.ArgumentParser, frames_help: str) -> None:
-    parser.add_argument("--frames", type=positive_int, default=32, help=frames_help)
+    parser.add_argument("--frames", type=positive_int, default=None, help=frames_help)
     parser.add_argument("--clip-len", type=positive_int, default=None,
                         help="frames per inter-frame clip, temporal patches for Qwen2.5-VL (default: as the authors, "
                              "32 → 4 and 64 → 8, other counts the longest of 4 to frames/8 dividing them, with a "
@@ -500,9 +515,9 @@ def _visualize(args: argparse.Namespace) -> int:
 
     artifact = resolve_artifact(args.model, verify_hashes=not args.skip_hash)
     adapter = model_adapter(artifact)
+    args.frames = args.frames or DEFAULT_FRAMES
     cfg = (artifact.manifest.aot if artifact.manifest is not None else
-           solve_config(adapter.aot_frames(args.frames), args.retention, args.anchors, args.pooled_anchors,
-                        args.keep, clip_len=args.clip_len, temporal_patch=adapter.info.temporal_patch,
+           solve_config(adapter.aot_frames(args.frames), args.retention, args.anchors, args.pooled_anchors, args.keep, clip_len=args.clip_len, temporal_patch=adapter.info.temporal_patch,
                         **adapter.aot_fields()))
     check_output_file(args.out, "--out")
     if artifact.manifest is None:

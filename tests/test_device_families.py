@@ -18,6 +18,7 @@ from runtime.cli import EXIT_BAD_INPUT, EXIT_OK, main
 from runtime.device.bundle import BUNDLE, read_bundle
 from runtime.llm import build_onnx_decoder
 from test_device import PROMPT, device_check, reference_run
+from test_live import window_checks
 
 VIDEO_FRAMES = 4
 
@@ -117,3 +118,14 @@ def test_edited_frame_count_refused_before_the_graph_runs(qwen_family, clip, tmp
         read_bundle(edited)
     code = main(["run", "--model", str(edited), "--video", str(clip), "--prompt", PROMPT])
     assert code == EXIT_BAD_INPUT and "--frames" in one_line_error(capsys)
+
+
+def test_live_window_of_a_3d_family(qwen_family, clip):
+    """Clips prefilled one by one at their 3-D positions answer as the whole prompt; shift eviction turns each kept
+    key by its own (t, h, w) difference."""
+    window_checks(qwen_family[3], clip)
+
+
+@pytest.mark.heavy
+def test_live_window_of_every_3d_family(family, clip):
+    window_checks(family[3], clip)

@@ -24,15 +24,7 @@ def pipeline(tiny_bundle):
 @pytest.fixture(scope="module")
 def clips(pipeline, tmp_path_factory):
     """Six consecutive clips of a synthesized video through the bundle's vision graph."""
-    video = synthesize_clip(tmp_path_factory.mktemp("v") / "clip.mp4", frames=48, size=160)
-    frames = decode_frames(video, 6 * pipeline.frames)
-    result = []
-    for k in range(6):
-        outputs, _ = pipeline.reduce(frames[k * pipeline.frames:(k + 1) * pipeline.frames])
-        seconds = k * pipeline.aot_frames + np.arange(pipeline.aot_frames, dtype=np.float64)
-        result.append(ClipTokens(k, outputs["tokens"], outputs["index"].astype(np.int64), seconds,
-                                 float(seconds[0]), float(seconds[-1])))
-    return result
+    return reduced_clips(pipeline, synthesize_clip(tmp_path_factory.mktemp("v") / "clip.mp4", frames=48, size=160), 6)
 
 
 def one_prefill(pipeline, window, question=QUESTION, tokens=6):
@@ -129,3 +121,42 @@ def test_refusals(pipeline, clips):
         LiveWindow(pipeline.text, pipeline.llm, pipeline.aot_frames, 2, eviction="fifo")
     with pytest.raises(InputError, match="no whole clip"):
         LiveWindow(pipeline.text, pipeline.llm, pipeline.aot_frames, 0)
+
+
+def reduced_clips(pipeline, video, count):
+    """`count` consecutive clips of `video` through the bundle's vision graph, stamped one second per grid."""
+    frames = decode_frames(video, count * pipeline.frames)
+    result = []
+    for k in range(count):
+        outputs, _ = pipeline.reduce(frames[k * pipeline.frames:(k + 1) * pipeline.frames])
+        seconds = k * pipeline.aot_frames + np.arange(pipeline.aot_frames, dtype=np.float64)
+        result.append(ClipTokens(k, outputs["tokens"], outputs["index"].astype(np.int64), seconds,
+                                 float(seconds[0]), float(seconds[-1])))
+    return result
+
+
+def window_checks(bundle, video):
+    """A family's live window against one prefill of the same prompt (its 3-D positions, its stamps), and shift
+    eviction's layer-0 keys against a fresh prefill of the kept clips."""
+    with DevicePipeline(bundle) as pipeline:
+        clips = reduced_clips(pipeline, video, 4)
+        growing = LiveWindow(pipeline.text, pipeline.llm, pipeline.aot_frames, 2)
+        for clip in clips[:2]:
+            growing.add(clip)
+        reply = growing.ask(QUESTION, 4)
+        reference = one_prefill(pipeline, growing, tokens=4)
+        np.testing.assert_allclose(reply.first_logits, reference.step_logits[0], atol=1e-5)
+        assert reply.tokens == reference.tokens
+        windows = {name: LiveWindow(pipeline.text, pipeline.llm, pipeline.aot_frames, 2, eviction=name)
+                   for name in ("shift", "reprefill")}
+        for window in windows.values():
+            for clip in clips:
+                window.add(clip)
+        shift, fresh = windows["shift"].cache, windows["reprefill"].cache
+        n = fresh.length
+        assert shift.length == n
+        np.testing.assert_array_equal(shift.positions[:, :n], fresh.positions[:, :n])
+        np.testing.assert_allclose(shift.buffers[0][:, :, :n], fresh.buffers[0][:, :, :n], atol=2e-5)
+        reply = windows["reprefill"].ask(QUESTION, 4)
+        np.testing.assert_allclose(reply.first_logits,
+                                   one_prefill(pipeline, windows["reprefill"], tokens=4).step_logits[0], atol=1e-5)

@@ -23,18 +23,40 @@ class VideoError(InputError):
     """A video that cannot be used; the message names the file and what to do."""
 
 
+# FFmpeg's reasons in the words a person fixing the source needs (anything else is named by its class), and the
+# fix where the reason decides it rather than the kind of source.
+_REASONS: tuple[tuple[type[BaseException], str, str | None], ...] = (
+    (ConnectionRefusedError, "connection refused", None),
+    (av.ExitError, "no answer within the timeout", None),
+    (av.error.ProtocolNotFoundError, "this FFmpeg build lacks the protocol",
+     "relay the stream over one it has (rtsp, http, tcp, udp)"),
+    (PermissionError, "permission denied", None),
+    (FileNotFoundError, "not found", None),
+)
+
+
+def ffmpeg_reason(exc: BaseException) -> str:
+    return next((words for kind, words, _ in _REASONS if isinstance(exc, kind)), exc.__class__.__name__)
+
+
+def open_container(target: str, *, name: str, fix: str, **av_options) -> "av.container.InputContainer":
+    """`av.open(target, **av_options)` that refuses with one VideoError line naming `name`, FFmpeg's reason and
+    `fix`, and that insists on a video stream."""
+    try:
+        container = av.open(target, **av_options)
+    except (av.FFmpegError, OSError, UnicodeDecodeError) as exc:
+        fix = next((own for kind, _, own in _REASONS if isinstance(exc, kind) and own), fix)
+        raise VideoError(f"{name}: cannot be opened as a video ({ffmpeg_reason(exc)}); {fix}") from exc
+    if not container.streams.video:
+        container.close()
+        raise VideoError(f"{name}: has no video stream; {fix}")
+    return container
+
+
 def _open(path: Path) -> "av.container.InputContainer":
     if not path.is_file():
         raise VideoError(f"{path}: no such video file; pass an existing .mp4/.mkv/.avi path")
-    try:
-        container = av.open(str(path))
-    except (av.FFmpegError, UnicodeDecodeError) as exc:
-        raise VideoError(f"{path}: cannot be opened as a video ({exc.__class__.__name__}); pass a valid video file") \
-            from exc
-    if not container.streams.video:
-        container.close()
-        raise VideoError(f"{path}: has no video stream; pass a video file")
-    return container
+    return open_container(str(path), name=str(path), fix="pass a valid video file")
 
 
 def _pick(path: Path, indices: np.ndarray, size: int | None) -> dict[int, np.ndarray]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import itertools
 import queue
-import resource
 import threading
 import time
 from collections import deque
@@ -29,6 +28,7 @@ import numpy as np
 
 from aot_export.errors import InputError
 from aot_export.prompt_assembly import AssembledPrompt, assemble_prompt
+from aot_export.report import peak_rss_mib
 
 from .decoder import OrtDecoder, greedy
 from .text import DeviceText
@@ -316,10 +316,6 @@ def percentiles(values: list[float]) -> dict[str, float]:
     return {"p50": float(p50), "p99": float(p99), "max": float(max(values))}
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 # ---- the reader thread -----------------------------------------------------------------------------------------
 class ClipFeed:
     """Clips cut from `clips` on a thread into a queue of `pending`: `drop` (a live source) makes room by dropping
@@ -478,7 +474,7 @@ class LiveRun:
     def end(self, reason: str, feed: ClipFeed, source: Any) -> End:
         return End(reason, len(self.latencies), feed.dropped_total, self.evicted, self.answers,
                    getattr(source, "corrupt", 0), getattr(source, "resized", 0), percentiles(self.factors),
-                   percentiles(self.latencies), peak_rss_mb())
+                   percentiles(self.latencies), peak_rss_mib())
 
 
 def live_events(pipeline: Any, source: Any, settings: LiveSettings,

@@ -280,6 +280,9 @@ def _live(args: argparse.Namespace) -> int:
     events: list[dict] = []
     seen, end = 0, None
     with pipeline:
+        settings.window_clips(pipeline.frames)                  # before the source is opened
+        if args.prompt is not None:
+            pipeline.text.prompt_ids(args.prompt)
         source = open_source(args.source, realtime=args.realtime, stall_timeout=args.stall_timeout,
                              topic=args.topic)
         questions = None if args.prompt is not None else stdin_questions()

@@ -3,8 +3,16 @@ same prompt prefilled whole; a question leaves the cache as it was; `shift` evic
 the rotary positions a fresh prefill gives them (layer 0, whose keys depend on nothing before them), `reprefill`
 equals a fresh prefill of the kept clips outright; the cache's size is bounded by the window."""
 
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
+from conftest import SHARED_VIDEOS
 
 from aot_export.errors import InputError
 from aot_export.video import decode_frames, synthesize_clip
@@ -13,6 +21,7 @@ from runtime.device.live import ClipTokens, LiveWindow
 from runtime.device.pipeline import DevicePipeline
 
 QUESTION = "What is happening in this video?"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -160,3 +169,152 @@ def window_checks(bundle, video):
         reply = windows["reprefill"].ask(QUESTION, 4)
         np.testing.assert_allclose(reply.first_logits,
                                    one_prefill(pipeline, windows["reprefill"], tokens=4).step_logits[0], atol=1e-5)
+
+
+# ---- live_events and `aot-export live` on real sources made here ---------------------------------------------------
+def footage_ts(video, seconds: float, fps: int = 10, size: int = 96) -> bytes:
+    """`seconds` of real footage as an MPEG-TS byte stream (what a network camera sends)."""
+    import io
+
+    import av
+
+    frames = decode_frames(video, int(seconds * fps), size=size)
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mpegts") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def footage(tmp_path_factory):
+    videos = sorted(SHARED_VIDEOS.glob("*.mp4"))
+    if videos:
+        return videos[0]
+    return synthesize_clip(tmp_path_factory.mktemp("v") / "clip.mp4", frames=240, size=160)
+
+
+def test_live_events_on_a_network_stream(pipeline, footage):
+    """Four clips of footage served over loopback TCP; a standing prompt answered after each; the window keeps two."""
+    from aot_export.sources import open_source
+    from runtime.device.live import Answer, ClipEvicted, ClipReduced, End, LiveSettings
+    from test_sources import Server
+
+    with Server(footage_ts(footage, 16.5)) as server:
+        source = open_source(f"tcp://127.0.0.1:{server.port}", stall_timeout=3.0)
+        # The server sends the whole stream at once, faster than real time: room for every clip, so none drops.
+        settings = LiveSettings(fps=2.0, window_s=8.0, prompt=QUESTION, max_new_tokens=3, pending=4)
+        events = list(pipeline.live(source, settings))
+    kinds = [type(e) for e in events]
+    reduced = [e for e in events if isinstance(e, ClipReduced)]
+    answers = [e for e in events if isinstance(e, Answer)]
+    assert len(reduced) == 4 and kinds.count(ClipEvicted) == 2 and len(answers) == 4
+    assert [r.clip for r in reduced] == [0, 1, 2, 3]
+    assert reduced[0].start == 0.0 and reduced[-1].end == pytest.approx(15.5, abs=0.11)
+    assert answers[-1].seen == [(reduced[2].start, reduced[3].end)]          # two clips of 4 s, the last ones
+    assert all(a.question_tokens < a.prompt_tokens / 3 and a.generated_tokens >= 1 for a in answers)
+    end = events[-1]
+    assert isinstance(end, End) and end.clips == 4 and end.dropped == 0 and end.answers == 4
+    assert end.realtime_factor["max"] > 0 and end.reason
+
+
+def test_a_slow_consumer_drops_clips_never_queues_them(pipeline, tmp_path):
+    """A file played at its own rate to a consumer slower than it: clips are dropped, counted and reported."""
+    from aot_export.sources import open_source
+    from runtime.device.live import ClipDropped, ClipReduced, End, LiveSettings
+
+    video = synthesize_clip(tmp_path / "four.mp4", frames=96, size=96, fps=24)           # 4 s
+    settings = LiveSettings(fps=8.0, window_s=2.0, pending=1)                            # a clip per second
+    events = []
+    for event in pipeline.live(open_source(str(video), realtime=True), settings):
+        events.append(event)
+        if isinstance(event, ClipReduced):
+            time.sleep(1.6)
+    dropped = [e for e in events if isinstance(e, ClipDropped)]
+    reduced = [e for e in events if isinstance(e, ClipReduced)]
+    end = events[-1]
+    assert isinstance(end, End) and end.dropped == len(dropped) >= 1
+    assert len(reduced) + len(dropped) <= 4 and dropped[-1].dropped == end.dropped
+
+
+def run_cli(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "runtime.cli", *args], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT, **kwargs)
+
+
+def write_image_bag(path, video, seconds: float, rate: float = 4.0):
+    """A rosbag2 (sqlite3) recording of `seconds` of footage as sensor_msgs/Image rgb8 on /camera/image."""
+    from rosbags.rosbag2 import Writer
+    from rosbags.typesys import Stores, get_typestore
+
+    store = get_typestore(Stores.LATEST)
+    Image, Header, Time = (store.types[n] for n in ("sensor_msgs/msg/Image", "std_msgs/msg/Header",
+                                                    "builtin_interfaces/msg/Time"))
+    frames = decode_frames(video, int(seconds * rate), size=64)
+    with Writer(path, version=8) as writer:
+        connection = writer.add_connection("/camera/image", Image.__msgtype__, typestore=store)
+        for i, frame in enumerate(frames):
+            stamp = i / rate
+            ns = int(stamp * 1e9)
+            message = Image(Header(Time(ns // 10 ** 9, ns % 10 ** 9), "camera"), 64, 64, "rgb8", 0, 64 * 3,
+                            np.ascontiguousarray(frame).reshape(-1))
+            writer.write(connection, ns, store.serialize_cdr(message, Image.__msgtype__))
+    return path
+
+
+def test_cli_live_on_a_rosbag_with_questions_on_stdin(tiny_bundle, footage, tmp_path):
+    pytest.importorskip("rosbags")
+    bag = write_image_bag(tmp_path / "bag", footage, 12.5)
+    out = tmp_path / "live.json"
+    done = run_cli("live", "--model", str(tiny_bundle), "--source", str(bag), "--fps", "2", "--window", "8",
+                   "--max-new-tokens", "3", "--json", str(out), input="What is in view?\nAnd now?\n")
+    assert done.returncode == 0, done.stderr
+    log = json.loads(out.read_text())
+    kinds = [e["event"] for e in log["events"]]
+    assert kinds.count("clip") == 3 and kinds.count("answer") == 2 and kinds[-1] == "end"
+    answer = next(e for e in log["events"] if e["event"] == "answer")
+    assert answer["question"] == "What is in view?" and answer["seen"][0][0] == 0.0
+    assert "clip 2" in done.stdout and "Q1" in done.stdout and log["end"]["reason"] == "end of stream"
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130),
+                                          pytest.param(signal.SIGTERM, 143, marks=pytest.mark.heavy)])
+def test_cli_live_stops_on_a_signal_and_keeps_its_log(tiny_bundle, tmp_path, signum, code):
+    video = synthesize_clip(tmp_path / "long.mp4", frames=480, size=96, fps=24)         # 20 s at its own rate
+    out = tmp_path / "live.json"
+    process = subprocess.Popen([sys.executable, "-m", "runtime.cli", "live", "--model", str(tiny_bundle),
+                                "--source", str(video), "--realtime", "--fps", "2", "--window", "8", "--prompt",
+                                QUESTION, "--max-new-tokens", "2", "--json", str(out)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        line = process.stdout.readline()                          # the first clip's line: the stream is running
+        assert "clip 0" in line, line + process.stderr.read()
+        process.send_signal(signum)
+        stdout, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == code and len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
+    log = json.loads(out.read_text())
+    assert log["events"][0]["event"] == "clip" and log["end"] is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["live.json", "long.mp4"]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--source", "/nonexistent/camera.mp4"], "camera.mp4"),
+    (["--source", "tcp://127.0.0.1:9"], "127.0.0.1:9"),
+    (["--source", "x.mp4", "--window", "1"], "no whole clip"),
+    (["--source", "x.mp4", "--fps", "0"], "--fps"),
+])
+def test_cli_live_bad_input_is_one_line(tiny_bundle, tmp_path, capsys, args, words):
+    from runtime.cli import EXIT_BAD_INPUT, main
+
+    (tmp_path / "x.mp4").write_bytes(b"")
+    code = main(["live", "--model", str(tiny_bundle), *[a.replace("x.mp4", str(tmp_path / "x.mp4")) for a in args]])
+    err = capsys.readouterr().err.strip()
+    assert code == EXIT_BAD_INPUT and len(err.splitlines()) == 1 and words in err, err

@@ -400,6 +400,15 @@ class LiveSettings:
         if self.max_new_tokens < 1:
             raise InputError("--max-new-tokens must be at least 1")
 
+    def window_clips(self, frames_per_call: int) -> int:
+        """Clips of `frames_per_call` sampled frames the window holds (refused when not even one)."""
+        clip_seconds = frames_per_call / self.fps
+        clips = int(self.window_s / clip_seconds + 1e-9)
+        if clips < 1:
+            raise InputError(f"--window {self.window_s:g} s holds no whole clip ({frames_per_call} frames at --fps "
+                             f"{self.fps:g} span {clip_seconds:g} s); raise --window or --fps")
+        return clips
+
 
 @dataclass
 class QuestionRefused(Event):
@@ -426,8 +435,8 @@ class LiveRun:
     def __init__(self, pipeline: Any, settings: LiveSettings):
         self.pipeline, self.settings = pipeline, settings
         self.clip_seconds = pipeline.frames / settings.fps
-        clips = int(settings.window_s / self.clip_seconds + 1e-9)
-        self.window = LiveWindow(pipeline.text, pipeline.llm, pipeline.aot_frames, clips, settings.eviction,
+        self.window = LiveWindow(pipeline.text, pipeline.llm, pipeline.aot_frames,
+                                 settings.window_clips(pipeline.frames), settings.eviction,
                                  frame_gap=1.5 / settings.fps)
         self.latencies: list[float] = []
         self.factors: list[float] = []

@@ -283,7 +283,7 @@ class Answer(Event):
 
     def line(self) -> str:
         seen = ", ".join(f"{a:.1f}–{b:.1f} s" for a, b in self.seen)
-        return (f"Q{self.question_id} (saw {seen}; first token {self.ttft_s * 1e3:.0f} ms, {self.question_tokens} "
+        return (f"Q{self.question_id} (saw {seen}; first token {self.ttft_s * 1e3:.1f} ms, {self.question_tokens} "
                 f"new of {self.prompt_tokens} prompt tokens): {self.question!r}\n  → {self.answer!r}")
 
 
@@ -309,11 +309,15 @@ class End(Event):
                 f" / max {rtf.get('max', float('nan')):.2f}; peak RSS {self.peak_rss_mb:.0f} MiB")
 
 
-def percentiles(values: list[float]) -> dict[str, float]:
-    if not values:
+RECENT = 10_000
+
+
+def percentiles(values: Iterable[float]) -> dict[str, float]:
+    values = np.asarray(list(values), np.float64)
+    if not len(values):
         return {}
-    p50, p99 = np.percentile(np.asarray(values, np.float64), [50, 99])
-    return {"p50": float(p50), "p99": float(p99), "max": float(max(values))}
+    p50, p99 = np.percentile(values, [50, 99])
+    return {"p50": float(p50), "p99": float(p99), "max": float(values.max())}
 
 
 # ---- the reader thread -----------------------------------------------------------------------------------------
@@ -438,15 +442,17 @@ class LiveRun:
         self.window = LiveWindow(pipeline.text, pipeline.llm, pipeline.aot_frames,
                                  settings.window_clips(pipeline.frames), settings.eviction,
                                  frame_gap=1.5 / settings.fps)
-        self.latencies: list[float] = []
-        self.factors: list[float] = []
-        self.evicted = self.answers = self.questions = 0
+        # The End event's percentiles cover the last RECENT clips: nothing here grows with the stream's length.
+        self.latencies: deque[float] = deque(maxlen=RECENT)
+        self.factors: deque[float] = deque(maxlen=RECENT)
+        self.clips = self.evicted = self.answers = self.questions = 0
 
     def reduce(self, clip: Any) -> Iterator[Event]:
         tokens, seconds = clip_tokens(self.pipeline, clip)
         evicted, evict_s, prefill_s = self.window.add(tokens)
         seconds = {**seconds, "evict": evict_s, "prefill": prefill_s}
         spent = sum(seconds.values())
+        self.clips += 1
         self.latencies.append(spent)
         self.factors.append(spent / self.clip_seconds)
         if evicted is not None:
@@ -481,7 +487,7 @@ class LiveRun:
                      reply.question_tokens, len(reply.tokens))
 
     def end(self, reason: str, feed: ClipFeed, source: Any) -> End:
-        return End(reason, len(self.latencies), feed.dropped_total, self.evicted, self.answers,
+        return End(reason, self.clips, feed.dropped_total, self.evicted, self.answers,
                    getattr(source, "corrupt", 0), getattr(source, "resized", 0), percentiles(self.factors),
                    percentiles(self.latencies), peak_rss_mib())
 

@@ -58,6 +58,17 @@ def fraction(text: str) -> float:
     return value
 
 
+def positive_seconds(text: str) -> float:
+    """A positive, finite number (seconds, a rate)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{value:g} is out of range; give a positive number")
+    return value
+
+
 def frames_shown(text: str) -> int | None:
     return None if text == "all" else positive_int(text)
 
@@ -315,17 +326,17 @@ def _add_live(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", required=True,
                         help="video file, rtsp:// http(s):// tcp:// udp:// URL, /dev/videoN camera, or a ROS 2 "
                              "recording (rosbag2 directory or .mcap)")
-    parser.add_argument("--window", type=float, default=30.0, help="seconds of stream the LLM keeps (30)")
-    parser.add_argument("--fps", type=float, default=1.0, help="frames sampled per stream second (1)")
+    parser.add_argument("--window", type=positive_seconds, default=30.0, help="seconds of stream the LLM keeps (30)")
+    parser.add_argument("--fps", type=positive_seconds, default=1.0, help="frames sampled per stream second (1)")
     parser.add_argument("--prompt", default=None,
                         help="a standing prompt asked again after every clip (default: questions read from stdin, "
                              "one per line)")
     parser.add_argument("--realtime", action="store_true",
                         help="play a file or recording at its own rate (clips dropped when the pipeline is behind)")
     parser.add_argument("--topic", default=None, help="ROS 2 recording: the image topic (default: the only one)")
-    parser.add_argument("--stall-timeout", type=float, default=10.0,
+    parser.add_argument("--stall-timeout", type=positive_seconds, default=10.0,
                         help="seconds without a frame before a stream is ended as stalled (10)")
-    parser.add_argument("--duration", type=float, default=None, help="stop after this many seconds of stream")
+    parser.add_argument("--duration", type=positive_seconds, default=None, help="stop after this many seconds of stream")
     parser.add_argument("--max-new-tokens", type=positive_int, default=32, help="most tokens per answer (32)")
     parser.add_argument("--eviction", choices=("shift", "reprefill"), default="shift",
                         help="how the oldest clip leaves a full window: its slots dropped and later keys turned to "

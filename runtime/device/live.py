@@ -107,6 +107,8 @@ class LiveWindow:
         self.clips: deque[ClipTokens] = deque()
         self.cache = llm.cache(1024)
         self.ids = np.zeros(0, np.int64)          # what the cache holds, as ids (checked against every layout)
+        self.prefix = 0                           # the chat template's part before the first clip
+        self.lengths: deque[int] = deque()        # each clip's region in the cache
 
     # ---- layout -----------------------------------------------------------------------------------------------
     def layout(self, question: str) -> tuple[AssembledPrompt, np.ndarray]:
@@ -146,29 +148,31 @@ class LiveWindow:
         start = time.perf_counter()
         prompt, bounds = self.layout(STAND_IN_QUESTION)
         self._extend(prompt, 0 if self.cache.length == 0 else int(bounds[-2]), int(bounds[-1]))
+        self.prefix = int(bounds[0])
+        self.lengths.append(int(bounds[-1] - bounds[-2]))
         return evicted, evict_s, time.perf_counter() - start
 
+    def _truncate(self, length: int) -> None:
+        self.cache.rewind(length)
+        self.ids = self.ids[:length]
+
     def _evict(self) -> ClipTokens:
-        old_prompt, old_bounds = self.layout(STAND_IN_QUESTION)
-        prefix, leaving = int(old_bounds[0]), int(old_bounds[1] - old_bounds[0])
-        evicted = self.clips.popleft()
+        evicted, leaving = self.clips.popleft(), self.lengths.popleft()
+        kept = self.ids[self.prefix + leaving:]
         if not self.clips:
-            self.cache.rewind(prefix)
-            self.ids = self.ids[:prefix]
+            self._truncate(self.prefix)
             return evicted
         prompt, bounds = self.layout(STAND_IN_QUESTION)
         end = int(bounds[-1])
-        if self.eviction == "reprefill":
-            self.cache.rewind(prefix)
-            self.ids = self.ids[:prefix]
-            self._extend(prompt, prefix, end)
-            return evicted
-        new_positions = None if prompt.position_ids is None else prompt.position_ids[:, 0, prefix:end]
-        self.cache.drop(prefix, prefix + leaving, self.llm.rotary, new_positions)
-        self.ids = prompt.input_ids[:end]
-        if self.cache.length != end or not np.array_equal(old_prompt.input_ids[prefix + leaving:old_bounds[-1]],
-                                                          self.ids[prefix:]):
+        if not np.array_equal(prompt.input_ids[self.prefix:end], kept):
             raise RuntimeError("the kept clips' layout changed when the oldest left")
+        if self.eviction == "reprefill":
+            self._truncate(self.prefix)
+            self._extend(prompt, self.prefix, end)
+        else:
+            new_positions = None if prompt.position_ids is None else prompt.position_ids[:, 0, self.prefix:end]
+            self.cache.drop(self.prefix, self.prefix + leaving, self.llm.rotary, new_positions)
+            self.ids = prompt.input_ids[:end]
         return evicted
 
     def ask(self, question: str, max_new_tokens: int = 32,
@@ -176,6 +180,7 @@ class LiveWindow:
         """Greedy answer to `question` about the window; the cache is left as it was."""
         if not self.clips:
             raise InputError("no clip has arrived yet; ask once the stream has given one")
+        start = time.perf_counter()                  # the question's layout is part of its time to first token
         prompt, bounds = self.layout(question)
         begin = int(bounds[-1])
         context = self.text.spec.context_length
@@ -183,7 +188,6 @@ class LiveWindow:
             raise InputError(f"the window's prompt ({prompt.length} tokens) and {max_new_tokens} new tokens exceed "
                              f"the model's context of {context}; shorten the question, --window or "
                              "--max-new-tokens")
-        start = time.perf_counter()
         first = self._extend(prompt, begin, prompt.length)
         ttft = time.perf_counter() - start
         following = None if prompt.position_ids is None else int(prompt.position_ids.max()) + 1
@@ -200,8 +204,7 @@ class LiveWindow:
             tokens, _ = greedy(step, self.text.embed_token, first, max_new_tokens, self.text.eos_token_id, None,
                                on_token)
         finally:
-            self.cache.rewind(begin)
-            self.ids = self.ids[:begin]
+            self._truncate(begin)
         return Reply(question, self.text.decode(tokens), tokens, self.seen, ttft, time.perf_counter() - start,
                      prompt.length, prompt.length - begin, first)
 

@@ -20,6 +20,27 @@ SHORTEST_CLIP = 4            # the authors' shorter length, the one every publis
 # The plain-domain "reference" solver needs its kernel exp(-cost / eps) far above fp32's smallest normal (1.2e-38):
 # exp(-60) = 8.8e-27 leaves 11 orders of magnitude for the scalings it is multiplied by.
 PLAIN_DOMAIN_MAX_EXPONENT = 60.0
+# Upper bounds of the counts. The graph is static, so each count is memory or graph size fixed at export; a value
+# past these is a typo, and is refused before any model loads instead of ending as an allocation failure (100,000
+# frames asked 177 GB of the tiny model) or an export that never ends.
+MAX_FRAMES = 512               # the authors run 32 and 64; the graph holds every frame's activations at once
+MAX_GRID = 64                  # 4,096 tokens a frame (896 px at patch 14); transport costs grow as grid**4
+MAX_SINKHORN_ITERATIONS = 1000  # the authors stop by 100; every iteration costs graph size or run time
+UPPER_BOUNDS = {
+    "frames": (MAX_FRAMES, "the static graph holds every frame's activations at once, so its memory grows with "
+                           "the frames; sample fewer frames"),
+    "clip_len": (MAX_FRAMES, "a clip cannot hold more frames than a video takes"),
+    "grid": (MAX_GRID, "the transport costs of a frame grow as grid**4; this is no vision tower's patch grid"),
+    "windows": (MAX_GRID, "a frame has at most grid windows a side"),
+    "pool": (MAX_GRID, "a pool wider than the largest grid pools it to one cell"),
+    "anchors": (MAX_GRID ** 2, "anchors are a frame's tokens, at most grid**2"),
+    "pooled_anchors": (MAX_GRID ** 2, "pooled anchors are a frame's pooled cells, at most grid**2"),
+    "keep": (MAX_GRID ** 2, "kept tokens are a frame's pooled cells, at most grid**2"),
+    "sinkhorn_iters": (MAX_SINKHORN_ITERATIONS, "each iteration is unrolled into the static graph, so its size "
+                                                "and export time grow with them"),
+    "sinkhorn_max_iters": (MAX_SINKHORN_ITERATIONS, "each iteration runs in every call of the graph (one Scan step "
+                                                    "each, even once converged), so its run time grows with them"),
+}
 
 
 def clip_len_for(frames: int) -> int:
@@ -44,7 +65,7 @@ class AOTConfig:
     keeps the length `cfg` has.
 
     Sinkhorn: `sinkhorn="reference"` (default) reproduces the authors' stopping in the static graph —
-    `sinkhorn_max_iters` (100, their maximum) unrolled plain-domain iterations, r and c frozen after the first
+    `sinkhorn_max_iters` (100, their maximum) plain-domain iterations (one ONNX Scan), r and c frozen after the first
     iteration whose mean |r - r_prev| is below `sinkhorn_tol` (1e-2), one flag for all frames of the intra-frame
     call and one per clip for each inter-frame step. `sinkhorn="fixed"` runs `sinkhorn_iters` log-domain iterations
     whatever the data (what exports before this field were built with; `sinkhorn_iters` is only read by it).
@@ -78,15 +99,21 @@ class AOTConfig:
     global_ratio: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.clip_len is None and isinstance(self.frames, int):
-            # Solved once, here, so that to_dict, the manifest and the hash record the length used, never None.
-            object.__setattr__(self, "clip_len", clip_len_for(self.frames))
         for f in fields(self):
             value = getattr(self, f.name)
             kind = f.type.removesuffix(" | None")
+            if value is None and kind != f.type:
+                continue
             expected = {"int": int, "float": (int, float), "str": str}[kind]
             if isinstance(value, bool) or not isinstance(value, expected):
                 raise ValueError(f"AOTConfig.{f.name} must be {kind}, got {value!r}")
+        # Before anything counts through the frames or the grid (clip_len_for, smallest_window).
+        for name, (most, why) in UPPER_BOUNDS.items():
+            if getattr(self, name) is not None and getattr(self, name) > most:
+                raise ValueError(f"AOTConfig.{name}={getattr(self, name)!r}: at most {most}; {why}")
+        if self.clip_len is None:
+            # Solved once, here, so that to_dict, the manifest and the hash record the length used, never None.
+            object.__setattr__(self, "clip_len", clip_len_for(self.frames))
         self._validate()
 
     def _validate(self) -> None:
@@ -242,11 +269,23 @@ class AOTConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "AOTConfig":
+        """A new config (`export --config`): the fields it leaves out take today's defaults."""
+        if not isinstance(data, dict):
+            raise ValueError(f"AOTConfig: a config is a JSON object of fields, e.g. {{\"frames\": 8}}, not a "
+                             f"{type(data).__name__}")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(map(str, set(data) - known))
         if unknown:
             raise ValueError(f"AOTConfig: unknown field(s) {unknown}")
-        return cls(**{**LEGACY_VALUES, **data})
+        return cls(**data)
+
+    @classmethod
+    def from_recorded(cls, data: dict[str, Any]) -> "AOTConfig":
+        """A config a manifest recorded. A manifest records every field it knew, so one it lacks did not exist when
+        it was written: it takes the value that export was built with (`LEGACY_VALUES`), not today's default."""
+        if not isinstance(data, dict):
+            return cls.from_dict(data)
+        return cls.from_dict({**LEGACY_VALUES, **data})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .adapters import ModelAdapter, load_model
-from .artifacts import atomic_dir, check_destination
+from .artifacts import atomic_dir, check_destination, destination_lock
 from .config import AUTHORS_CLIP_LENGTHS, CLIPS_PER_VIDEO, SHORTEST_CLIP, AOTConfig, clip_len_for
 from .errors import InputError
 from .manifest import GRAPH, Manifest, TensorSpec, hash_files
@@ -24,6 +24,7 @@ from .progress import Stages
 
 INPUTS = ("frames",)
 OUTPUTS = ("tokens", "index")
+BUDGET_FIELDS = ("anchors", "pooled_anchors", "keep")
 
 
 def library_versions() -> dict[str, str]:
@@ -56,30 +57,31 @@ def export_vision_aot(model: str | ModelAdapter, cfg: AOTConfig, out_dir: str | 
     """`force` replaces an existing export at `out_dir`; anything else there is refused, never touched. `extra`: what
     the manifest records besides (`{"stream": {"clips_per_call": 1}}`: a streaming export, `export --stream`)."""
     out_dir = Path(out_dir)
-    check_destination(out_dir, "export", force)
-    stages = Stages(["load model", "trace + export", "save", "check", "manifest"], progress)
-    with stages.step():
-        adapter = load_model(model) if isinstance(model, str) else model
-        adapter.check_fits(cfg)
-        module = adapter.vision_aot(cfg)
-        # the graph carries the module's weights as fp32 external data
-        check_destination(out_dir, "export", force, sum(p.numel() * 4 for p in module.parameters()))
-    with stages.step():
-        program = trace_onnx(module, (adapter.example_frames(cfg.frames * adapter.info.temporal_patch),),
-                             INPUTS, OUTPUTS)
-    with atomic_dir(out_dir, "export", force) as staging:
+    # Locked before the work, so that a second export to the same place is refused now, not after its export.
+    with destination_lock(check_destination(out_dir, "export", force)):
+        stages = Stages(["load model", "trace + export", "save", "check", "manifest"], progress)
         with stages.step():
-            files = save_onnx(program, staging / GRAPH, external_data=True)
-            del program
+            adapter = load_model(model) if isinstance(model, str) else model
+            adapter.check_fits(cfg)
+            module = adapter.vision_aot(cfg)
+            # the graph carries the module's weights as fp32 external data
+            check_destination(out_dir, "export", force, sum(p.numel() * 4 for p in module.parameters()))
         with stages.step():
-            verify_static(staging / GRAPH)
-        with stages.step():
-            inputs, outputs = tensor_specs(cfg, adapter)
-            manifest = Manifest(model=adapter.info.to_dict(), aot=cfg, preprocessing=adapter.preprocessing,
-                                inputs=inputs, outputs=outputs, opset=OPSET,
-                                files=hash_files(staging, [f.name for f in files]), versions=library_versions(),
-                                extra=dict(extra or {}))
-            manifest.write(staging)
+            program = trace_onnx(module, (adapter.example_frames(cfg.frames * adapter.info.temporal_patch),),
+                                 INPUTS, OUTPUTS)
+        with atomic_dir(out_dir, "export", force, locked=True) as staging:
+            with stages.step():
+                files = save_onnx(program, staging / GRAPH, external_data=True)
+                del program
+            with stages.step():
+                verify_static(staging / GRAPH)
+            with stages.step():
+                inputs, outputs = tensor_specs(cfg, adapter)
+                manifest = Manifest(model=adapter.info.to_dict(), aot=cfg, preprocessing=adapter.preprocessing,
+                                    inputs=inputs, outputs=outputs, opset=OPSET,
+                                    files=hash_files(staging, [f.name for f in files]),
+                                    versions=library_versions(), extra=dict(extra or {}))
+                manifest.write(staging)
     stages.close()
     return ExportResult(out_dir, manifest, stages.seconds)
 
@@ -111,7 +113,18 @@ def solve_config(frames: int, retention: float | None, anchors: int | None, pool
                                         **model_fields)
     budget = {k: v for k, v in (("anchors", anchors), ("pooled_anchors", pooled_anchors), ("keep", keep))
               if v is not None}
-    return AOTConfig(frames=frames, grid=grid, clip_len=clip_len, **model_fields, **budget)
+    reference = AOTConfig(frames=frames, clip_len=clip_len)    # the authors' budget, for SigLIP's 27×27 grid
+    if not budget and (grid, model_fields) != (reference.grid, {k: getattr(reference, k) for k in model_fields}):
+        # Another grid (or pooling) gets the share of the visual tokens the authors' budget keeps.
+        return AOTConfig.from_retention(frames, reference.retention, grid=grid, clip_len=clip_len, **model_fields)
+    try:
+        return AOTConfig(frames=frames, grid=grid, clip_len=clip_len, **model_fields, **budget)
+    except ValueError as exc:
+        if not any(f"AOTConfig.{name}=" in str(exc) for name in BUDGET_FIELDS):
+            raise
+        raise InputError(f"{exc}; pass --retention R (a share of the visual tokens, e.g. 0.15) to solve a budget "
+                         f"for this model's {grid}×{grid} grid, or --anchors/--pooled-anchors/--keep that fit it"
+                         ) from exc
 
 
 def described_frames(frames: int, temporal_patch: int) -> str:

@@ -56,8 +56,9 @@ def quiet_exporter() -> Iterator[None]:
 
 def trace_onnx(module: torch.nn.Module, example_inputs: tuple, input_names: tuple[str, ...],
                output_names: tuple[str, ...]) -> torch.onnx.ONNXProgram:
-    """Trace `module` once with the dynamo exporter at opset 18; every shape is static."""
-    with quiet_exporter():
+    """Trace `module` once with the dynamo exporter at opset 18; every shape is static. Without autograd: the
+    graph is for inference, and a Scan (`reducer.repeat`) cannot be traced over tensors that require grad."""
+    with quiet_exporter(), torch.no_grad():
         return torch.onnx.export(module.eval(), example_inputs, dynamo=True, opset_version=OPSET,
                                  input_names=list(input_names), output_names=list(output_names), verbose=False)
 

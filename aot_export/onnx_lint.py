@@ -7,9 +7,13 @@ from dataclasses import dataclass
 import onnx
 
 # Control flow and data-dependent shapes: TensorRT either rejects them or builds them with dynamic shapes.
-FORBIDDEN_OPS = frozenset({"Loop", "If", "Scan", "NonZero", "Unique", "SequenceAt", "SequenceConstruct",
+FORBIDDEN_OPS = frozenset({"Loop", "If", "NonZero", "Unique", "SequenceAt", "SequenceConstruct",
                            "SequenceEmpty", "SequenceErase", "SequenceInsert", "SequenceLength", "SplitToSequence",
                            "ConcatFromSequence"})
+# A Scan whose scanned inputs are constants runs a fixed number of times on static shapes: TensorRT builds it as
+# an ILoop with a constant trip count. The reference Sinkhorn's iterations are one (`reducer.repeat`); its body is
+# held to the same rules as the graph.
+FIXED_COUNT_OPS = frozenset({"Scan"})
 
 
 @dataclass(frozen=True)
@@ -29,14 +33,30 @@ def _constant_names(graph: onnx.GraphProto) -> set[str]:
 
 
 def graph_findings(model: onnx.ModelProto) -> list[Finding]:
-    """Forbidden ops and TopK nodes whose k is not a constant."""
-    graph = model.graph
-    constants = _constant_names(graph)
+    """Forbidden ops, TopK nodes whose k is not a constant and Scans over a tensor that is not a constant, in the
+    graph and in every Scan's body."""
+    return _findings(model.graph, set())
+
+
+def _findings(graph: onnx.GraphProto, outer_constants: set[str]) -> list[Finding]:
+    constants = outer_constants | _constant_names(graph)
     findings = [Finding("forbidden-op", node.name or node.op_type, f"{node.op_type} is not allowed in a static graph")
                 for node in graph.node if node.op_type in FORBIDDEN_OPS]
     findings += [Finding("topk-k-not-constant", node.name or "TopK", f"k comes from {node.input[1]!r}")
                  for node in graph.node if node.op_type == "TopK" and node.input[1] not in constants]
+    for node in graph.node:
+        if node.op_type in FIXED_COUNT_OPS:
+            findings += _scan_findings(node, constants)
     return findings
+
+
+def _scan_findings(node: onnx.NodeProto, constants: set[str]) -> list[Finding]:
+    """A Scan's trip count is the length of its scanned inputs (the last `num_scan_inputs`): constants only."""
+    attributes = {a.name: a for a in node.attribute}
+    scanned = node.input[len(node.input) - attributes["num_scan_inputs"].i:]
+    findings = [Finding("scan-count-not-constant", node.name or "Scan", f"scans over {name!r}, not a constant")
+                for name in scanned if name not in constants]
+    return findings + _findings(attributes["body"].g, constants)
 
 
 ONNX_DTYPES = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16,

@@ -15,12 +15,15 @@ the full video and an updated keyframe anchor its keyframe cell's. Text after a 
 `start + G` (transformers 5.24's `get_rope_index` advances by the grid's side, not past the largest t); with
 `index` the full raster grid (`full_index`) this is Hugging Face's own rule, which tests hold it to.
 
-User text is encoded with special tokens split into plain text, so `<|im_start|>` typed in a prompt is characters,
-never a control token; only the template's pieces may produce special tokens.
+User text is encoded as plain text, so `<|im_start|>` typed in a prompt is characters, never a control token —
+and so is every other token added to the tokenizer, special or not (`plain_text_tokenizer`); only the template's
+pieces may produce them.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
@@ -107,9 +110,30 @@ def refuse_overlong(spec: PromptSpec, length: int, what: str) -> None:
                          "the prompt (or export fewer frames / a lower retention)")
 
 
+@functools.lru_cache(maxsize=8)
+def plain_text_tokenizer(tokenizer: Any) -> Any:
+    """A copy of `tokenizer` in which every added token is marked special, so that with `encode_special_tokens`
+    none is matched in text. `encode_special_tokens` alone splits only the special ones: a trained Qwen2.5
+    tokenizer also adds `<tool_call>`, `<|fim_prefix|>` … as non-special tokens, which text would still produce."""
+    data = json.loads(tokenizer.to_str())
+    for token in data.get("added_tokens", []):
+        token["special"] = True
+    return type(tokenizer).from_str(json.dumps(data))
+
+
 def encode(tokenizer: Any, text: str, split_special: bool = False) -> list[int]:
     """`text` → ids with a `tokenizers.Tokenizer` (a Hugging Face fast tokenizer's `backend_tokenizer`), no
-    added BOS/EOS; `split_special`: special tokens spelled in `text` are encoded as their characters."""
+    added BOS/EOS; `split_special`: every added token spelled in `text` (special or not) is encoded as its
+    characters."""
+    ids = _encode(tokenizer, text, split_special)
+    if split_special and not set(ids).isdisjoint(tokenizer.get_added_tokens_decoder()):
+        # A non-special added token was matched: encode again with none matchable (a copy, built once: ~0.5 s for
+        # a 2.5 MB tokenizer.json, so only for a text that needs it).
+        ids = _encode(plain_text_tokenizer(tokenizer), text, split_special)
+    return ids
+
+
+def _encode(tokenizer: Any, text: str, split_special: bool) -> list[int]:
     previous = tokenizer.encode_special_tokens
     tokenizer.encode_special_tokens = split_special
     try:
@@ -122,8 +146,14 @@ def chat_ids(spec: PromptSpec, tokenizer: Any, prompt: str) -> np.ndarray:
     """[L] token ids of the chat template around `prompt`, the video placeholder once; the prompt is plain text."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise InputError("the prompt is empty; pass --prompt with a question about the video")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(f"the prompt is not valid UTF-8 (its character {exc.start + 1} is not); pass the question "
+                         "in UTF-8") from None
     if len(prompt) > CHARACTERS_PER_TOKEN_BOUND * spec.context_length:
-        refuse_overlong(spec, len(prompt), "the prompt (in characters)")
+        raise InputError(f"the prompt is {len(prompt)} characters, over the model's context of {spec.context_length} "
+                         "tokens however it is tokenized; shorten the prompt")
     ids = (encode(tokenizer, spec.chat.before) + encode(tokenizer, prompt, split_special=True)
            + encode(tokenizer, spec.chat.after))
     refuse_overlong(spec, len(ids), "the prompt")
@@ -132,6 +162,49 @@ def chat_ids(spec: PromptSpec, tokenizer: Any, prompt: str) -> np.ndarray:
         raise InputError(f"the chat template rendered {count} video placeholders, not 1; rebuild the bundle from "
                          "the checkpoint's own chat template")
     return np.asarray(ids, np.int64)
+
+
+def refuse_ids_past_table(ids: dict[str, int], rows: int, where: str) -> None:
+    """Token ids every prompt holds (`ids`: what each is → id) must be rows of the LLM's embedding table: checked
+    before any weights load, not met as an IndexError after the vision stage."""
+    for name, token in ids.items():
+        if not 0 <= token < rows:
+            raise InputError(f"{where}: {name} is id {token}, past the embedding table's {rows} rows; the tokenizer "
+                             "and the LLM come from different checkpoints, or tokens were added to the tokenizer "
+                             "without the embeddings: use the checkpoint's own tokenizer")
+
+
+def prompt_token_ids(spec: PromptSpec, tokenizer: Any) -> dict[str, int]:
+    """The ids every prompt of `spec` holds (what each is → id), and the largest id plain text can give."""
+    ids = {"the video placeholder": spec.video_token_id}
+    if spec.layout is not None:
+        ids.update({"the video start token": spec.layout.start_token, "the video end token": spec.layout.end_token})
+    for token in encode(tokenizer, spec.chat.before) + encode(tokenizer, spec.chat.after):
+        ids.setdefault(f"the chat template's token {tokenizer.id_to_token(token)!r}", token)
+    ids["the tokenizer's last plain-text id"] = tokenizer.get_vocab_size(with_added_tokens=False) - 1
+    return ids
+
+
+def request_length(spec: PromptSpec, tokenizer: Any, prompt: str, visual_tokens: int,
+                   frames: int | None = None) -> int:
+    """Positions the prompt takes once the video's `visual_tokens` are laid out in it, known before any work: the
+    one assembly run on stand-ins one value wide (a layout fixes every count but that of the visual tokens)."""
+    index = np.zeros((visual_tokens, 3), np.int64)
+    return assemble_prompt(spec, tokenizer, prompt, np.zeros((visual_tokens, 1), np.float32), index,
+                           lambda ids: np.zeros((len(ids), 1), np.float32), np.zeros(1, np.float32),
+                           frames).length
+
+
+def refuse_over_context(spec: PromptSpec, tokenizer: Any, prompt: str, visual_tokens: int, max_new_tokens: int,
+                        frames: int | None = None) -> None:
+    """The prompt with its visual tokens and the `max_new_tokens` asked for must fit the context: the decoder has
+    no positions past it (ONNX Runtime's rotary cache ends there)."""
+    length = request_length(spec, tokenizer, prompt, visual_tokens, frames)
+    room = spec.context_length - length
+    if max_new_tokens > room:
+        fix = f"pass --max-new-tokens {room} or fewer" if room > 0 else "shorten the prompt"
+        raise InputError(f"the prompt with its visual tokens is {length} tokens and {max_new_tokens} new tokens are "
+                         f"asked for, past the model's context of {spec.context_length}; {fix}")
 
 
 def ragged_arange(lengths: np.ndarray) -> np.ndarray:

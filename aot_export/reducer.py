@@ -2,7 +2,7 @@
 
 Every function works on a batch of frames (or clips) at once; the only Python loops are over the `clip_len - 1`
 frames inside a clip, because each frame merges into the anchors the previous one left behind, and over the
-Sinkhorn iterations, which are unrolled (a fixed count, or a fixed maximum with convergence frozen by a flag).
+Sinkhorn iterations: a fixed count, unrolled, or a fixed maximum with convergence frozen by a flag, one ONNX Scan.
 Every count comes from the config, so every shape is known when the graph is traced.
 """
 
@@ -157,53 +157,75 @@ SCALING_LAYOUTS = ("rows", "columns")
 
 
 def kernel_products(kernel: Tensor, layout: str) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
-    """(c ↦ K c, r ↦ Kᵀ r) for a kernel [B, M, V] and scalings held as columns [B, V, 1], [B, M, 1].
+    """(c ↦ K c, r ↦ Kᵀ r) for a kernel [B, M, V] and scalings c [B, V], r [B, M].
 
     Two ways of computing the same products, because the two backends want opposite ones. "rows" multiplies row
     vectors by the matrix: on CPU PyTorch ~8× faster than a batched matrix–column product ([32, 729, 126], torch
     2.13). "columns" multiplies the matrix by a column: TensorRT's fused region then reads the kernel as it is,
     while a row times the matrix made it keep one relaid copy of the kernel per product — 11.8 MB per iteration,
-    a 2.3 GB workspace at 100 iterations for 32 frames, more than `check` grants (62.7 MB with "columns")."""
+    a 2.3 GB workspace at 100 unrolled iterations for 32 frames, more than `check` grants (62.7 MB with "columns")."""
     kernel_t = kernel.transpose(1, 2).contiguous()                              # [B, V, M]
     if layout == "columns":
-        return (lambda c: kernel @ c), (lambda r: kernel_t @ r)
-    return (lambda c: (c.mT @ kernel_t).mT), (lambda r: (r.mT @ kernel).mT)
+        return ((lambda c: (kernel @ c.unsqueeze(-1)).squeeze(-1)),
+                (lambda r: (kernel_t @ r.unsqueeze(-1)).squeeze(-1)))
+    return (lambda c: (c.unsqueeze(1) @ kernel_t).squeeze(1)), (lambda r: (r.unsqueeze(1) @ kernel).squeeze(1))
+
+
+State = tuple[Tensor, ...]
+
+
+def repeat(step: Callable[[State], State], state: State, count: int) -> State:
+    """`state = step(state)`, `count` times. While exporting, one ONNX Scan over a constant of length `count`, so
+    that the exporter traces `step` once and TensorRT builds it once (an ILoop with a fixed trip count): unrolled,
+    the reference solver's 4 × 100 iterations were 5/6 of the demo graph's 6,036 TensorRT layers and most of its
+    export and build time (docs/benchmarks.md, "Export and build time")."""
+    if not torch.compiler.is_exporting() or count == 0:
+        for _ in range(count):
+            state = step(state)
+        return state
+    from torch._higher_order_ops.scan import scan
+
+    # Each iteration also passes its slice of the scanned zeros through: a Scan without per-iteration outputs has
+    # an empty `scan_output_directions`, whose type ONNX Runtime's quantization tools cannot infer.
+    final, _ = scan(lambda carried, x: (step(carried), x.clone()), state, torch.zeros(count))
+    return final
 
 
 def stopping_sinkhorn(cost: Tensor, log_mu: Tensor, log_nu: Tensor, eps: float, tol: float, max_iters: int,
                       joint: bool, layout: str | None = None) -> Tensor:
-    """The authors' `Sinkhorn_v1` in a static graph: `max_iters` unrolled plain-domain iterations from r = c = 1;
-    after the first iteration whose mean change of r over the source rows is below `tol`, r and c are frozen by a
-    `running` flag (one for the whole batch when `joint`, else one per problem) instead of leaving the loop.
-    `layout` (see `kernel_products`) defaults to "columns" while exporting, "rows" otherwise.
+    """The authors' `Sinkhorn_v1` in a static graph: `max_iters` plain-domain iterations from r = c = 1 (a fixed
+    count, `repeat`); after the first iteration whose mean change of r over the source rows is below `tol`, r and c
+    are frozen by a `running` flag (one for the whole batch when `joint`, else one per problem) instead of leaving
+    the loop. `layout` (see `kernel_products`) defaults to "columns" while exporting, "rows" otherwise.
 
     Plain domain, not log: an iteration is two batched matrix–vector products instead of two logsumexp passes
-    over [B, M, V] — the 100 unrolled iterations of the intra-frame call ([32, 729, 126]) took 50 ms against 923 ms
+    over [B, M, V] — the 100 iterations of the intra-frame call ([32, 729, 126]) took 50 ms against 923 ms
     in the log domain (and 91 ms for the fixed solver's 10 log-domain iterations), at the same fidelity to the
     float64 rule (max relative error 8e-6 either way; docs/benchmarks.md, "Sinkhorn") — and nothing underflows:
     AOTConfig bounds max cost / eps by 60 for this solver (the defaults give 27.1: the kernel stays above 1.7e-12)."""
     kernel = torch.exp(-cost / eps)                                              # [B, M, V]
     k_c, kt_r = kernel_products(kernel, layout or ("columns" if torch.compiler.is_exporting() else "rows"))
-    mu, nu = log_mu.exp().unsqueeze(-1), log_nu.exp().unsqueeze(-1)               # [B, M, 1], [B, V, 1]
-    sources = (log_mu > NO_MASS / 2).to(cost.dtype).unsqueeze(-1)
+    mu, nu = log_mu.exp(), log_nu.exp()                                          # [B, M], [B, V]
+    sources = (log_mu > NO_MASS / 2).to(cost.dtype)
     dims = (0, 1) if joint else (1,)
     # The authors' r has only the M source rows. Rows without mass start at 0, where every iteration leaves them,
     # so |r - r_prev| summed over all rows is their sum over the source rows; and mean < tol is sum < tol · M.
-    threshold = tol * sources.sum(dims, keepdim=True)
-    r, c = sources, torch.ones_like(nu)
-    running = torch.ones_like(threshold, dtype=torch.bool)                       # [1, 1, 1] or [B, 1, 1]
-    for _ in range(max_iters):
+    threshold = tol * sources.sum(dims, keepdim=True)                            # [1, 1] or [B, 1]
+
+    def iteration(state: State) -> State:
+        r, c, running = state
         new_r = mu / k_c(c)
         new_c = nu / kt_r(new_r)
         converged = torch.linalg.vector_norm(new_r - r, ord=1, dim=dims, keepdim=True) < threshold
-        r = torch.where(running, new_r, r)
-        c = torch.where(running, new_c, c)
-        running = running & ~converged
-    return r * kernel * c.mT
+        return torch.where(running, new_r, r), torch.where(running, new_c, c), running & ~converged
+
+    r, c, _ = repeat(iteration, (sources, torch.ones_like(nu), torch.ones_like(threshold, dtype=torch.bool)),
+                     max_iters)
+    return r.unsqueeze(-1) * kernel * c.unsqueeze(1)
 
 
 def reference_sinkhorn(cfg: AOTConfig) -> Sinkhorn:
-    """The authors' stopping rule (`sinkhorn="reference"`), unrolled to `cfg.sinkhorn_max_iters`."""
+    """The authors' stopping rule (`sinkhorn="reference"`), `cfg.sinkhorn_max_iters` iterations."""
     def solve(cost: Tensor, log_mu: Tensor, log_nu: Tensor, *, joint: bool) -> Tensor:
         return stopping_sinkhorn(cost, log_mu, log_nu, cfg.eps, cfg.sinkhorn_tol, cfg.sinkhorn_max_iters, joint)
     return solve

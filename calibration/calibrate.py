@@ -159,9 +159,7 @@ def calibrate_export(directory: str | os.PathLike, videos: str | os.PathLike | I
         manifest = read_manifest(directory, verify_hashes=verify_hashes)
         spec = _source_checks(manifest, directory, precision)
         paths = expand_videos(videos)
-        if directory.resolve() == out_dir.resolve():
-            raise InputError(f"--out {out_dir} is the source export; write the {precision} export elsewhere")
-        check_destination(out_dir, "export", force, sum(manifest.sizes.values()))
+        check_destination(out_dir, "export", force, sum(manifest.sizes.values()), sources={"export": directory})
     with stages.step():
         data = manifest_calibration_data(paths, manifest, clips_per_video, seed)
         held = _resolve_holdout(holdout, data)

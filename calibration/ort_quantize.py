@@ -17,8 +17,10 @@ from typing import Iterable
 
 import onnx
 
+from aot_export.onnx_io import topologically_sorted
+
 from .data import CalibrationData
-from .qdq_graph import OP_TYPES, QuantPlan, restore_float_inputs
+from .qdq_graph import OP_TYPES, QuantPlan, restore_float_inputs, restore_metadata
 
 
 @dataclass(frozen=True)
@@ -109,10 +111,11 @@ def quantize_graph(precision: Precision, model_path: Path, output: Path, plan: Q
                     extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
                                    "OpTypesToExcludeOutputQuantization": list(OP_TYPES)},
                     calibration_cache_path=str(cache))
-    model = onnx.load(str(output), load_external_data=False)
+    # quantize_static sorts the nodes by their inputs alone, which can put a Scan before what its body reads.
+    model = topologically_sorted(onnx.load(str(output), load_external_data=False))
+    restore_metadata(model, onnx.load(str(model_path), load_external_data=False))
     rewired = restore_float_inputs(model, plan.nodes)
-    if rewired:
-        onnx.save(model, str(output))           # the graph only: its external weights are unchanged
+    onnx.save(model, str(output))               # the graph only: its external weights are unchanged
     return rewired
 
 

@@ -111,6 +111,19 @@ def raise_opset_for_float8(model: onnx.ModelProto) -> bool:
     return False
 
 
+def restore_metadata(model: onnx.ModelProto, source: onnx.ModelProto) -> int:
+    """Give each node of `model` without metadata the metadata of `source`'s node of the same name (in place);
+    returns how many. ONNX Runtime makes a node with a subgraph (the reducer's Scans) anew to walk its body, and
+    drops the name scopes that say which nodes are fp32 on purpose."""
+    recorded = {node.name: node.metadata_props for node in source.graph.node if node.metadata_props}
+    restored = 0
+    for node in model.graph.node:
+        if not node.metadata_props and node.name in recorded:
+            node.metadata_props.extend(recorded[node.name])
+            restored += 1
+    return restored
+
+
 def restore_float_inputs(model: onnx.ModelProto, quantized: Iterable[str]) -> int:
     """Rewire float nodes (not quantized, not Q/DQ) that ONNX Runtime pointed at a DequantizeLinear output back
     to the original activation: ORT replaces the input of *every* consumer of a quantized activation, so a score

@@ -25,6 +25,8 @@ from aot_export.manifest import hash_files, read_manifest
 from aot_export.onnx_io import save_graph
 from aot_export.onnx_scopes import FP32_SCOPES, node_scope
 
+from .qdq_graph import restore_metadata
+
 PRECISION = "int8-weights"
 BITS = 8
 BLOCK_SIZES = (16, 32, 64, 128, 256)
@@ -45,6 +47,8 @@ def quantize_graph(model: onnx.ModelProto, nodes: list[str], block_size: int, bi
     # The quantizer takes every MatMul with a constant weight unless excluded (`nodes_to_include` only adds).
     chosen = set(nodes)
     excluded = [node.name for node in model.graph.node if node.op_type == "MatMul" and node.name not in chosen]
+    source = onnx.ModelProto()
+    source.graph.node.extend(model.graph.node)     # the nodes' metadata, before the quantizer rebuilds any
     quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True,
                                      nodes_to_exclude=excluded)
     # the quantizer logs two INFO lines per weight
@@ -55,7 +59,9 @@ def quantize_graph(model: onnx.ModelProto, nodes: list[str], block_size: int, bi
         quantizer.process()
     finally:
         logger.setLevel(level)
-    return quantizer.model.model
+    quantized = quantizer.model.model
+    restore_metadata(quantized, source)
+    return quantized
 
 
 def quantize_weights(source: str | os.PathLike, out_dir: str | os.PathLike, block_size: int = 32,
@@ -68,7 +74,7 @@ def quantize_weights(source: str | os.PathLike, out_dir: str | os.PathLike, bloc
     manifest = read_manifest(source, verify_hashes=verify_hashes)
     if manifest.precision != "fp32":
         raise InputError(f"{source} is a {manifest.precision} export; weight-only int8 is made from an fp32 export")
-    check_destination(out_dir, "export", force, sum(manifest.sizes.values()) // 3)
+    check_destination(out_dir, "export", force, sum(manifest.sizes.values()) // 3, sources={"export": source})
     model = onnx.load(str(source / manifest.graph))
     nodes = quantizable_nodes(model)
     if not nodes:

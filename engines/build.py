@@ -19,17 +19,16 @@ import onnx
 
 from aot_export.artifacts import atomic_dir, check_destination, sha256_file
 from aot_export.errors import InputError
-from aot_export.manifest import Manifest, read_manifest, refuse_failed_calibration
+from aot_export.manifest import Manifest, failed_gates, read_manifest, refuse_failed_gates
 from aot_export.progress import Stages
 
 from .loaders import (BuildSettings, build_engine, builder_config, constrain_fp32, inspect_engine, network_report,
                       parse_onnx, save_timing_cache)
 from .flavours import FLAVOURS, TensorRTUnavailable, cuda_major, load_tensorrt
 from .precision import export_fp16, fp32_nodes
-from .sidecar import PLAN, SIDECAR, EngineSidecar
+from .sidecar import FP16_EXPORT, LAYER_REPORT, PLAN, SIDECAR, EngineSidecar
 from .targets import PRECISIONS, Target, get_target
 
-FP16_EXPORT = "onnx"
 FP8_MIN_CAPABILITY = 8.9
 
 
@@ -100,11 +99,11 @@ def build_engine_dir(export_dir: str | os.PathLike, settings: BuildSettings, out
     target = get_target(settings.target)
     manifest = read_manifest(export_dir, verify_hashes=verify_hashes)
     check_source(manifest, settings, export_dir)
-    warning = refuse_failed_calibration(manifest, export_dir, allow_failed)
+    warning = refuse_failed_gates(export_dir, failed_gates(manifest.extra), allow_failed)
     if warning:
         print(warning, file=sys.stderr)
     # the plan holds the weights once more; fp16 engines also keep an fp16 copy of the graph
-    check_destination(out_dir, "engine", force, 2 * sum(manifest.sizes.values()))
+    check_destination(out_dir, "engine", force, 2 * sum(manifest.sizes.values()), sources={"export": export_dir})
     try:
         load_tensorrt(target.flavour)
     except TensorRTUnavailable as exc:
@@ -134,7 +133,7 @@ def build_engine_dir(export_dir: str | os.PathLike, settings: BuildSettings, out
                 save_timing_cache(config, settings.timing_cache)
             layer_info = inspect_engine(parsed, engine.plan)
             if layer_info is not None:
-                (staging / "layers.json").write_text(layer_info)
+                (staging / LAYER_REPORT).write_text(layer_info)
             sidecar = EngineSidecar(
                 flavour=parsed.flavour.name, tensorrt_version=engine.version, cuda=cuda_major(parsed.flavour),
                 target=target.name, compute_capabilities=list(settings.compute_capabilities),

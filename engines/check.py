@@ -12,7 +12,7 @@ from pathlib import Path
 
 import onnx
 
-from aot_export.manifest import consistency_findings, file_findings, load_manifest
+from aot_export.manifest import MANIFEST, consistency_findings, file_findings, load_manifest
 from aot_export.onnx_lint import graph_findings, interface_findings
 from aot_export.report import format_table
 
@@ -60,14 +60,14 @@ def check_export(directory: str | os.PathLike, tensorrt: bool = True, workspace_
     """`verify_hashes`: compare the files' sha256 with the manifest too (sizes always; False: --skip-hash)."""
     directory = Path(directory)
     manifest, data = load_manifest(directory)
-    graph = directory / manifest.graph
     report = CheckReport(str(directory))
     report.add("manifest", consistency_findings(manifest, data), "counts and shapes follow from its aot config")
-    files = file_findings(directory, manifest.files, manifest.sizes, verify_hashes)
+    files = file_findings(directory, manifest.files, manifest.sizes, verify_hashes, MANIFEST)
     report.add("files", files, f"{'sizes and sha256' if verify_hashes else 'sizes (sha256 skipped)'} of "
                                f"{', '.join(manifest.files)} match")
     if files:
         return report        # the graph is not what was exported: what follows would describe another graph
+    graph = directory / manifest.graph
     try:
         onnx.checker.check_model(str(graph), full_check=True)
         report.rows.append(CheckRow("onnx checker", OK, f"opset {manifest.opset}, strict shape inference"))
@@ -75,7 +75,9 @@ def check_export(directory: str | os.PathLike, tensorrt: bool = True, workspace_
         report.rows.append(CheckRow("onnx checker", FINDING, " ".join(str(exc).split())[:300]))
     model = onnx.load(str(graph), load_external_data=False)
     lint = graph_findings(model)
-    report.add("static graph", lint, f"{len(model.graph.node)} nodes; no control flow, every TopK k constant")
+    scans = sum(node.op_type == "Scan" for node in model.graph.node)
+    flow = f"{scans} Scan(s) of a constant count, no other control flow" if scans else "no control flow"
+    report.add("static graph", lint, f"{len(model.graph.node)} nodes; {flow}, every TopK k constant")
     declared = {t.name: (t.shape, t.dtype) for t in [*manifest.inputs, *manifest.outputs]}
     report.add("interface", interface_findings(model, declared),
                "; ".join(f"{t.name} {list(t.shape)} {t.dtype}" for t in [*manifest.inputs, *manifest.outputs]))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
+from typing import Callable
 
 import onnx
 
@@ -17,52 +18,57 @@ from aot_export.onnx_scopes import FP32_SCOPES
 from aot_export.artifacts import atomic_dir
 from aot_export.errors import InputError
 from aot_export.manifest import hash_files, read_manifest
-from aot_export.onnx_io import save_graph
+from aot_export.onnx_io import read_values, save_graph, topologically_sorted
 from aot_export.onnx_scopes import node_scope
 
 FP32_OPS = ("LayerNormalization", "Softmax", "ReduceMean", "Pow", "Sqrt", "Erf")
 
 
 def fp32_nodes(model: onnx.ModelProto) -> list[str]:
-    """Nodes that must compute in fp32: the AOT block, the score layers, normalisation and softmax."""
-    return [node.name for node in model.graph.node
-            if node_scope(node) in FP32_SCOPES or node.op_type in FP32_OPS]
+    """Nodes that must compute in fp32: the AOT block (with the bodies of its Scans: the Sinkhorn iterations),
+    the score layers, normalisation and softmax."""
+    return [name for node in model.graph.node if node_scope(node) in FP32_SCOPES or node.op_type in FP32_OPS
+            for name in (node.name, *body_nodes(node))]
+
+
+def body_nodes(node: onnx.NodeProto) -> list[str]:
+    """Names of the nodes inside `node`'s subgraphs, at every depth: TensorRT names a loop body's layers after
+    them, and the exporter gives them no name scope of their own."""
+    return [name for attr in node.attribute if attr.type == onnx.AttributeProto.GRAPH for inner in attr.g.node
+            for name in (inner.name, *body_nodes(inner))]
 
 
 def convert_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
+    op_block_list, node_block_list = set(DEFAULT_OP_BLOCK_LIST) | set(FP32_OPS), fp32_nodes(model)
+    # The converter takes every float tensor in value_info for fp16: between two fp32 nodes it inserted a cast to
+    # fp16 and back (3,442 of them in the 32-frame graph with the unrolled Sinkhorn), and a Scan body's reads of
+    # the outer graph, which it does not see, got the fp16 copy. A tensor only fp32 nodes produce and read is left
+    # out of value_info, so it stays fp32.
+    fp32_only = fp32_only_values(model, lambda node: node.op_type in op_block_list or node.name in node_block_list)
+    kept = [v for v in model.graph.value_info if v.name not in fp32_only]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(kept)
     converted = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True,
-                                         op_block_list=sorted(set(DEFAULT_OP_BLOCK_LIST) | set(FP32_OPS)),
-                                         node_block_list=fp32_nodes(model))
+                                         op_block_list=sorted(op_block_list), node_block_list=node_block_list)
     # The exporter's value_info still carries fp32 types for tensors that are fp16 now; checkers and TensorRT
     # infer them afresh.
     del converted.graph.value_info[:]
     return topologically_sorted(converted)
 
 
-def topologically_sorted(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Nodes reordered so that each comes after the producers of its inputs (the converter appends the Casts of
-    graph inputs at the end; the ONNX checker requires the order), otherwise keeping their order."""
-    nodes = list(model.graph.node)
-    producer = {out: i for i, node in enumerate(nodes) for out in node.output}
-    placed, ordered = [False] * len(nodes), []
-    for root in range(len(nodes)):
-        stack = [(root, False)]
-        while stack:
-            i, inputs_placed = stack.pop()
-            if placed[i]:
-                continue
-            if inputs_placed:
-                placed[i] = True
-                ordered.append(nodes[i])
-                continue
-            stack.append((i, True))
-            stack.extend((producer[name], False) for name in reversed(nodes[i].input)
-                         if name in producer and not placed[producer[name]])
-    del model.graph.node[:]
-    model.graph.node.extend(ordered)
-    return model
+def fp32_only_values(model: onnx.ModelProto, is_fp32: Callable[[onnx.NodeProto], bool]) -> set[str]:
+    """Initializers and outputs of fp32 nodes that only fp32 nodes read (a node reads its inputs and whatever its
+    subgraphs read); graph outputs excluded."""
+    readers: dict[str, list[bool]] = {}
+    for node in model.graph.node:
+        for name in read_values(node):
+            readers.setdefault(name, []).append(is_fp32(node))
+    candidates = [init.name for init in model.graph.initializer]
+    candidates += [name for node in model.graph.node if is_fp32(node) for name in node.output]
+    outputs = {v.name for v in model.graph.output}
+    return {name for name in candidates if name not in outputs and all(readers.get(name, ()))}
 
 
 def export_fp16(source: str | os.PathLike, out_dir: str | os.PathLike, *, verify_hashes: bool = True) -> Path:

@@ -7,17 +7,22 @@ against this machine (`flavour`, `tensorrt_version`, `compute_capability`).
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from aot_export.artifacts import sha256_file
+from aot_export.artifacts import atomic_file, sha256_file
 from aot_export.errors import InputError
-from aot_export.manifest import MANIFEST, Manifest, read_json_object, read_manifest
+from aot_export.manifest import MANIFEST, Manifest, listing_findings, read_manifest, read_manifest_file
 
 PLAN = "engine.plan"
 SIDECAR = "engine.json"
+# Beside the plan, written by `aot-export build`: the layer report (no reader opens it) and, for an fp16 engine, the
+# fp16 export it was built from (an export with its own manifest, held to it when the engine is read).
+LAYER_REPORT = "layers.json"
+FP16_EXPORT = "onnx"
 SIDECAR_SCHEMA = 1
 # cuDeviceGetAttribute attributes (cuda.h)
 CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75
@@ -48,6 +53,7 @@ class EngineSidecar:
     network: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SIDECAR_SCHEMA
     plan_bytes: int | None = None          # checked on every load; the sha256 unless hashes are skipped
+    extra: dict[str, Any] = field(default_factory=dict)    # verdicts recorded later (`aot-export validate`)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -61,16 +67,24 @@ class EngineSidecar:
 
 
 def read_sidecar(engine_dir: str | os.PathLike, *, verify_hashes: bool = True) -> EngineSidecar:
-    """`engine.json`, refused unless the plan has its recorded size and (with `verify_hashes`) sha256."""
+    """`engine.json`, refused unless the directory holds the plan and nothing else it does not vouch for
+    (`listing_findings`: its report, an fp16 engine's export, itself held to its manifest), and the plan has its
+    recorded size and (with `verify_hashes`) sha256."""
     engine_dir = Path(engine_dir)
     for name in (PLAN, SIDECAR):
         if not (engine_dir / name).is_file():
             raise InputError(f"{engine_dir}: no {name}; this is not an engine directory (run `aot-export build`)")
-    data = read_json_object(engine_dir / SIDECAR, "rebuild the engine")
+    data = read_manifest_file(engine_dir, SIDECAR, "rebuild the engine")
     try:
         sidecar = EngineSidecar.from_dict(data)
     except TypeError as exc:
         raise InputError(f"{engine_dir / SIDECAR}: unreadable ({exc}); rebuild the engine") from exc
+    findings = listing_findings(engine_dir, {PLAN: sidecar.plan_sha256}, SIDECAR, (LAYER_REPORT, FP16_EXPORT))
+    if findings:
+        raise InputError(f"{engine_dir}: {findings[0]}; the engine directory was changed after the build: rebuild "
+                         "it or restore it")
+    if (engine_dir / FP16_EXPORT).exists():
+        read_manifest(engine_dir / FP16_EXPORT, verify_hashes=verify_hashes)
     size = (engine_dir / PLAN).stat().st_size
     if sidecar.plan_bytes is not None and size != sidecar.plan_bytes:
         raise EngineMismatch("plan_bytes", sidecar.plan_bytes, f"engine.plan is {size} bytes",
@@ -79,6 +93,16 @@ def read_sidecar(engine_dir: str | os.PathLike, *, verify_hashes: bool = True) -
         raise EngineMismatch("plan_sha256", sidecar.plan_sha256[:12], "engine.plan hashes differently",
                              "the plan was changed after the build: rebuild it")
     return sidecar
+
+
+def record_in_sidecar(engine_dir: str | os.PathLike, key: str, value: Any) -> EngineSidecar:
+    """`extra[key] = value` in an engine's sidecar, rewritten atomically (the plan and its sha256 untouched)."""
+    engine_dir = Path(engine_dir)
+    sidecar = read_sidecar(engine_dir, verify_hashes=False)
+    updated = EngineSidecar.from_dict({**sidecar.to_dict(), "extra": {**sidecar.extra, key: value}})
+    with atomic_file(engine_dir / SIDECAR) as staging:
+        staging.write_text(json.dumps(updated.to_dict(), indent=2, sort_keys=True) + "\n")
+    return updated
 
 
 def check_against_export(sidecar: EngineSidecar, manifest: Manifest) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,32 +22,32 @@ import torch
 from aot_export.adapters import ADAPTERS
 from aot_export.artifacts import atomic_dir, check_destination, sha256_file
 from aot_export.errors import InputError
-from aot_export.manifest import MANIFEST, read_manifest
+from aot_export.manifest import MANIFEST, failed_gates, read_manifest, refuse_failed_gates
 from engines.sidecar import PLAN, SIDECAR, check_against_export, read_sidecar
 
 from .device.bundle import BUNDLE, BUNDLE_SCHEMA, EMBEDDINGS, LLM_DIR, NEWLINE, REFUSED_ON, TOKENIZER, VISION_DIR
-from .device.decoder import GENAI_CONFIG, LLM_MANIFEST, read_llm_manifest
+from .device.decoder import GENAI_CONFIG, LLM_MANIFEST, read_genai_config, read_llm_manifest
 from .prompt import backend_tokenizer, prompt_spec
 from .vision import model_adapter, resolve_artifact
 
 EMBEDDING_DTYPES = {"fp16": np.float16, "fp32": np.float32}
 
 
-def decoder_position_axes(llm: Path) -> int:
+def decoder_position_axes(llm: Path, files: dict) -> int:
     """3 where the ONNX decoder takes 3-D `position_ids` [3, 1, L], 1 where it derives 1-D positions itself (read
-    from the graph's inputs, without its weights)."""
+    from the graph's inputs, without its weights); `files`: what its llm.json lists."""
     import onnx
 
-    config = json.loads((llm / GENAI_CONFIG).read_text())["model"]["decoder"]
+    config = read_genai_config(llm, files)["decoder"]
     graph = onnx.load(str(llm / config["filename"]), load_external_data=False).graph
     inputs = {i.name: len(i.type.tensor_type.shape.dim) for i in graph.input}
     return 3 if inputs.get("position_ids") == 3 else 1
 
 
-def check_decoder_positions(llm: Path, model: dict) -> int:
+def check_decoder_positions(llm: Path, files: dict, model: dict) -> int:
     """The decoder's position axes, refused unless they are the exported family's (before its weights load)."""
     adapter = ADAPTERS.get(model.get("model_type"))
-    axes = decoder_position_axes(llm)
+    axes = decoder_position_axes(llm, files)
     if adapter is not None and axes != adapter.position_axes:
         needs = ("places visual tokens at 3-D (t, h, w) positions" if adapter.position_axes == 3
                  else "takes 1-D positions")
@@ -58,13 +59,15 @@ def check_decoder_positions(llm: Path, model: dict) -> int:
 
 def write_bundle(model: str | os.PathLike, llm: str | os.PathLike, out: str | os.PathLike,
                  export: str | os.PathLike | None = None, embeddings: str = "fp16", adapter=None,
-                 force: bool = False, *, verify_hashes: bool = True) -> Path:
+                 force: bool = False, *, verify_hashes: bool = True, allow_failed: bool = False) -> Path:
     """`model`: an export or engine directory (an engine is checked against `export`, or the export found beside
     it); `llm`: an ONNX LLM directory. Parts from another model are refused before anything is written, and so
-    are parts whose files differ from their manifests (sizes always, sha256 with `verify_hashes`)."""
+    are parts whose files differ from their manifests (sizes always, sha256 with `verify_hashes`), and a part
+    whose recorded verdict failed its gates unless `allow_failed` (bundle.json's `failed_gates` then says which,
+    and the device refuses it unless told the same)."""
     if embeddings not in EMBEDDING_DTYPES:
         raise InputError(f"--embeddings {embeddings!r}: choose fp16 or fp32")
-    out = check_destination(out, "bundle", force)
+    out = check_destination(out, "bundle", force, sources={"artifact": model, "export": export, "LLM": llm})
     artifact = resolve_artifact(model, export, verify_hashes=verify_hashes)
     if artifact.kind == "model":
         raise InputError(f"{model} is neither an export nor an engine directory; export one with `aot-export export`")
@@ -74,6 +77,10 @@ def write_bundle(model: str | os.PathLike, llm: str | os.PathLike, out: str | os
     export_manifest = read_manifest(artifact.export_dir, verify_hashes=verify_hashes)
     if artifact.kind == "engine":
         check_against_export(read_sidecar(model, verify_hashes=verify_hashes), export_manifest)
+    failures = list(dict.fromkeys([*artifact.failures, *failed_gates(export_manifest.extra)]))
+    warning = refuse_failed_gates(model, failures, allow_failed)
+    if warning:
+        print(warning, file=sys.stderr)
     llm = Path(llm)
     llm_manifest = read_llm_manifest(llm, verify_hashes=verify_hashes)
     model_info = export_manifest.model
@@ -81,11 +88,11 @@ def write_bundle(model: str | os.PathLike, llm: str | os.PathLike, out: str | os
         raise InputError(f"{llm} was built from {llm_manifest['model_id']} (config {llm_manifest['config_hash']}), "
                          f"the export from {model_info['model_id']} (config {model_info['config_hash']}); pass the "
                          "LLM of the exported model (`aot-export quantize-llm --model ...`)")
-    position_axes = check_decoder_positions(llm, model_info)
+    position_axes = check_decoder_positions(llm, llm_manifest["files"], model_info)
     adapter = model_adapter(artifact, adapter)
     spec = prompt_spec(adapter)
     tokenizer = adapter.tokenizer
-    vocab = json.loads((llm / GENAI_CONFIG).read_text())["model"]["vocab_size"]     # every id the LLM can emit
+    vocab = read_genai_config(llm, llm_manifest["files"])["vocab_size"]     # every id the LLM can emit
     with torch.inference_mode():
         table = adapter.embed_tokens(torch.arange(vocab).unsqueeze(0))[0].float().numpy()
     newline = None if adapter.image_newline is None else adapter.image_newline.detach().float().numpy()
@@ -128,6 +135,7 @@ def write_bundle(model: str | os.PathLike, llm: str | os.PathLike, out: str | os
                 "text": {"prompt": spec.to_dict(), "eos_token_id": tokenizer.eos_token_id,
                          "embeddings_dtype": embeddings},
                 "files": {name: sha256_file(staging / name) for name in files},
+                "failed_gates": failures,           # non-empty only where it was forced (allow_failed)
                 "refused_on": REFUSED_ON}
         (staging / BUNDLE).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     return out

@@ -12,10 +12,12 @@ import signal
 import sys
 import traceback
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
 
 from aot_export.artifacts import check_destination, check_output_file, describe_os_error
+from aot_export.config import MAX_FRAMES
 from aot_export.errors import CheckFailed, InputError
 from aot_export.report import format_table, peak_rss_mib, write_json
 
@@ -25,6 +27,8 @@ EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
 DEFAULT_FRAMES = 32
 # The team's footage beside a checkout, where the README's commands run from; a default of the shell, not the library.
 DEMO_FOOTAGE = "../shared/data/videos"
+# Video frames: AOT's frames (AOTConfig's bound) times the largest temporal patch (Qwen2.5-VL folds 2 into one).
+MAX_VIDEO_FRAMES = MAX_FRAMES * 2
 EXPORT_STACK = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime_genai", "tqdm")   # pyproject [export]
 
 
@@ -45,6 +49,15 @@ def positive_int(text: str) -> int:
 
 def non_negative_int(text: str) -> int:
     return _integer(text, 0)
+
+
+def frame_count(text: str) -> int:
+    """--frames: refused past what any static graph takes before a model loads (the exact bound is AOTConfig's)."""
+    value = positive_int(text)
+    if value > MAX_VIDEO_FRAMES:
+        raise argparse.ArgumentTypeError(f"{value} is out of range; give at most {MAX_VIDEO_FRAMES} (the static "
+                                         "graph holds every frame at once, so its memory grows with them)")
+    return value
 
 
 def fraction(text: str) -> float:
@@ -69,6 +82,14 @@ def positive_seconds(text: str) -> float:
     return value
 
 
+def sha256_hex(text: str) -> str:
+    """A sha256 as 64 hex digits (a bundle's id)."""
+    if len(text) != 64 or any(c not in "0123456789abcdef" for c in text.lower()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a sha256 (64 hex digits); pass the id `aot-export bundle` "
+                                         "printed")
+    return text.lower()
+
+
 def frames_shown(text: str) -> int | None:
     return None if text == "all" else positive_int(text)
 
@@ -76,26 +97,27 @@ def frames_shown(text: str) -> int | None:
 # ---- commands --------------------------------------------------------------------------------------------------
 def _export(args: argparse.Namespace) -> int:
     from aot_export.adapters import load_model
-    from aot_export.config import AOTConfig
     from aot_export.config import SHORTEST_CLIP
     from aot_export.export import export_vision_aot, solve_config
 
     import time
 
-    check_destination(args.out, "export", args.force)          # before seconds of model loading
+    check_destination(args.out, "export", args.force,          # before seconds of model loading
+                      sources={"model": args.model, "config": args.config})
+    if args.stream and (args.config or args.frames is not None):
+        raise InputError(f"--stream exports one clip, so it takes no {'--config' if args.config else '--frames'};"
+                         " set the clip's length with --clip-len (default 4)")
+    config = _read_config(args.config) if args.config else None  # its errors too
     start = time.perf_counter()
     adapter = load_model(args.model)
     load_seconds = time.perf_counter() - start
     if args.stream:
         # One clip per call (`aot-export live`): the graph's frames are the clip's.
-        if args.config or args.frames is not None:
-            raise InputError(f"--stream exports one clip, so it takes no {'--config' if args.config else '--frames'};"
-                             " set the clip's length with --clip-len (default 4)")
         args.clip_len = args.clip_len or SHORTEST_CLIP
         args.frames = args.clip_len * adapter.info.temporal_patch
     args.frames = args.frames or DEFAULT_FRAMES
-    if args.config:
-        cfg = AOTConfig.from_json(_read_text(args.config))
+    if config is not None:
+        cfg = config
     else:
         cfg = solve_config(adapter.aot_frames(args.frames), args.retention, args.anchors, args.pooled_anchors,
                            args.keep, clip_len=args.clip_len, temporal_patch=adapter.info.temporal_patch,
@@ -109,6 +131,7 @@ def _export(args: argparse.Namespace) -> int:
             ("visual tokens without AOT", cfg.input_tokens), ("visual tokens with AOT", cfg.output_tokens),
             ("retention", f"{cfg.retention:.2%}"),
             ("anchors / pooled anchors / keep", f"{cfg.anchors} / {cfg.pooled_anchors} / {cfg.keep}"),
+            ("Sinkhorn solver", _solver(cfg)),
             ("frames per clip", cfg.clip_len * adapter.info.temporal_patch),
             ("clips per call", f"{cfg.clips}{' (--stream: for aot-export live)' if args.stream else ''}"),
             *[(f"{name}", f"{size / 1e6:.1f} MB") for name, size in sizes.items()],
@@ -118,6 +141,12 @@ def _export(args: argparse.Namespace) -> int:
     write_json(args.json, {"manifest": result.manifest.to_dict(), "seconds": result.seconds, "sizes": sizes,
                            "peak_rss_mib": peak_rss_mib()})
     return EXIT_OK
+
+
+def _solver(cfg) -> str:
+    if cfg.sinkhorn == "fixed":
+        return f"fixed ({cfg.sinkhorn_iters} iterations, log domain)"
+    return f"{cfg.sinkhorn} (at most {cfg.sinkhorn_max_iters} iterations, early stop at {cfg.sinkhorn_tol:g})"
 
 
 def _print_clip_len_notice(args: argparse.Namespace, adapter) -> None:
@@ -135,7 +164,8 @@ def _add_export(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="tiny-llava-ov",
                         help="built-in model (tiny-llava-ov, llava-ov-0.5b-random) or a local checkpoint directory")
     _add_budget(parser, frames_help="frames per video, static in the graph (32)")
-    parser.add_argument("--config", default=None, metavar="JSON", help="a full AOTConfig as JSON (overrides the above)")
+    parser.add_argument("--config", default=None, metavar="JSON",
+                        help="an AOTConfig as a JSON object; fields left out take their defaults (overrides the above)")
     parser.add_argument("--stream", action="store_true",
                         help="a streaming export for `aot-export live`: the graph holds one clip of --clip-len "
                              "frames (default 4), run once per clip as a stream arrives")
@@ -144,7 +174,7 @@ def _add_export(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_budget(parser: argparse.ArgumentParser, frames_help: str) -> None:
-    parser.add_argument("--frames", type=positive_int, default=None, help=frames_help)
+    parser.add_argument("--frames", type=frame_count, default=None, help=frames_help)
     parser.add_argument("--clip-len", type=positive_int, default=None,
                         help="frames per inter-frame clip, temporal patches for Qwen2.5-VL (default: as the authors, "
                              "32 → 4 and 64 → 8, other counts the longest of 4 to frames/8 dividing them, with a "
@@ -210,7 +240,12 @@ def _run(args: argparse.Namespace) -> int:
     if is_bundle(args.model):
         pipeline = _device_pipeline(args)
     else:
+        _refuse_a_non_bundle_without_torch(args.model)
         from runtime.pipeline import Pipeline
+
+        if args.expect_id:
+            raise InputError(f"--expect-id pins a bundle; {args.model} is not one (no bundle.json): drop --expect-id "
+                             "or pass the bundle's directory")
 
         pipeline = Pipeline(args.model, backend=args.backend, llm=args.llm or "transformers-int8", device=args.device,
                             reduce=not args.no_reduce, export=args.export, allow_failed=args.allow_failed,
@@ -218,11 +253,27 @@ def _run(args: argparse.Namespace) -> int:
         if pipeline.warning:
             print(pipeline.warning, file=sys.stderr)
     with pipeline:
-        report = measure(pipeline, args.video, args.prompt, args.max_new_tokens, args.warmup, args.repeat)
+        report = measure(pipeline, args.video, args.prompt, args.max_new_tokens, args.warmup, args.repeat,
+                         progress=None if args.quiet else partial(print, file=sys.stderr, flush=True))
     report.settings["peak_rss_mib"] = peak_rss_mib()
     print(report.table())
     write_json(args.json, report.to_dict())
     return EXIT_OK
+
+
+def _refuse_a_non_bundle_without_torch(model: str) -> None:
+    """The runtime-only install runs bundles only: a --model that is not one (a typo, a directory without
+    bundle.json) is named as such there, not reported as a missing torch."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is not None:
+        return
+    path = Path(model)
+    why = ("no such directory" if not path.exists() else "no bundle.json in it" if path.is_dir()
+           else "a file, not a directory")
+    raise InputError(f"--model {model}: not a bundle ({why}); this install runs bundles: pass a bundle directory "
+                     "(`aot-export bundle` makes one), or install the export stack (pip install 'aot-export[export]') "
+                     "to run exports and models")
 
 
 def _add_run(parser: argparse.ArgumentParser) -> None:
@@ -242,7 +293,8 @@ def _add_run(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-reduce", action="store_true", help="all visual tokens, no AOT, for comparison")
     parser.add_argument("--max-new-tokens", type=positive_int, default=32, help="most tokens generated (32)")
     parser.add_argument("--allow-failed", action="store_true",
-                        help="run an export or engine whose calibration failed its gates (refused otherwise)")
+                        help="run an export, engine or bundle whose recorded calibration or validation failed its "
+                             "gates (refused otherwise)")
     _add_run_latency(parser)
 
 
@@ -254,8 +306,12 @@ def _device_pipeline(args: argparse.Namespace):
         if getattr(args, option[2:].replace("-", "_"), None):
             raise InputError(f"{option} does not apply to a bundle (it holds its vision artifact, checked against "
                              "its export, and its LLM); drop it, or run the export/engine directory instead")
-    return DevicePipeline(args.model, device=args.device, intra_op_threads=args.threads,
-                          allow_spinning=args.spinning == "on", kv=args.kv, verify_hashes=not args.skip_hash)
+    pipeline = DevicePipeline(args.model, device=args.device, intra_op_threads=args.threads,
+                              allow_spinning=args.spinning == "on", kv=args.kv, verify_hashes=not args.skip_hash,
+                              expect_id=args.expect_id, allow_failed=args.allow_failed)
+    if pipeline.warning:
+        print(pipeline.warning, file=sys.stderr)
+    return pipeline
 
 
 def _add_run_latency(parser: argparse.ArgumentParser) -> None:
@@ -271,6 +327,9 @@ def _add_device_settings(parser: argparse.ArgumentParser) -> None:
                         help="bundle: ONNX Runtime intra-op thread spinning (off: docs/benchmarks.md)")
     parser.add_argument("--kv", choices=("bound", "numpy"), default="bound",
                         help="bundle: KV cache bound in place with IOBinding (default) or copied through numpy")
+    parser.add_argument("--expect-id", type=sha256_hex, default=None, metavar="SHA256",
+                        help="bundle: run it only if its id (the sha256 of bundle.json, printed by `aot-export "
+                             "bundle`) is this one")
 
 
 # ---- live video: `live --model BUNDLE --source SRC` (issue #19) ------------------------------------------------
@@ -345,19 +404,103 @@ def _add_live(parser: argparse.ArgumentParser) -> None:
                         help="clips waiting for the pipeline before the oldest is dropped (1)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="ONNX Runtime device (auto: CUDA when available)")
+    parser.add_argument("--allow-failed", action="store_true",
+                        help="run a bundle with a part whose recorded calibration or validation failed its gates "
+                             "(refused otherwise)")
     _add_device_settings(parser)
+
+
+# ---- serving: `serve --model BUNDLE` (issue #20) --------------------------------------------------------------
+def _serve_settings(args: argparse.Namespace):
+    from runtime.device.serve import ServeSettings
+
+    api_key = args.api_key
+    if args.api_key_file:
+        api_key = _read_text(args.api_key_file).strip()
+        if not api_key:
+            raise InputError(f"--api-key-file {args.api_key_file} is empty; put the key in it")
+    settings = ServeSettings(host=args.host, port=args.port, api_key=api_key,
+                             allow_paths=tuple(Path(p) for p in args.allow_path), allow_remote=args.allow_remote,
+                             max_queue=args.max_queue, max_body_bytes=args.max_body_mib << 20,
+                             max_video_bytes=args.max_video_mib << 20, remote_timeout_s=args.remote_timeout,
+                             max_tokens=args.max_tokens, model_name=args.served_model_name)
+    settings.check()
+    return settings
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from runtime.device.bundle import is_bundle
+
+    if not is_bundle(args.model):
+        raise InputError(f"--model {args.model}: serve runs a bundle (`aot-export bundle`); pass its directory")
+    settings = _serve_settings(args)                  # before the bundle loads
+    if args.ray:
+        from runtime.device.serve_ray import serve_on_ray
+
+        serve_on_ray(Path(args.model), settings, replicas=args.replicas, cpus=args.cpus_per_replica,
+                     gpus=args.gpus_per_replica, pipeline_options=_device_options(args),
+                     on_ready=lambda url: print(f"serving {url} ({args.replicas} Ray Serve replicas; Ctrl-C stops)",
+                                                flush=True))
+        return EXIT_OK
+    from runtime.device.serve import serve
+
+    with _device_pipeline(args) as pipeline:
+        serve(pipeline, settings, on_ready=lambda url: print(f"serving {url} (Ctrl-C stops)", flush=True))
+    return EXIT_OK
+
+
+def _add_serve(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="bundle directory (`aot-export bundle`)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1; others need --api-key)")
+    parser.add_argument("--port", type=non_negative_int, default=8000, help="port (8000)")
+    parser.add_argument("--api-key", default=None, help="clients send it as `Authorization: Bearer KEY`")
+    parser.add_argument("--api-key-file", default=None, help="read the key from this file instead")
+    parser.add_argument("--allow-path", action="append", default=[], metavar="DIR",
+                        help="a directory video paths may point into (repeatable; none: no local files)")
+    parser.add_argument("--allow-remote", action="store_true", help="fetch http(s) video URLs (off by default)")
+    parser.add_argument("--max-queue", type=positive_int, default=8,
+                        help="requests waiting behind the running one before 429 (8)")
+    parser.add_argument("--max-tokens", type=positive_int, default=256, help="the most a request may generate (256)")
+    parser.add_argument("--max-body-mib", type=positive_int, default=64, help="largest request body (64 MiB)")
+    parser.add_argument("--max-video-mib", type=positive_int, default=48,
+                        help="largest video in a data URL or fetched from a URL (48 MiB)")
+    parser.add_argument("--remote-timeout", type=positive_seconds, default=10.0,
+                        help="seconds to fetch a remote video (10)")
+    parser.add_argument("--served-model-name", default=None, help="the model id clients ask for (the bundle's)")
+    parser.add_argument("--ray", action="store_true", help="deploy on a local Ray Serve cluster (the [ray] extra)")
+    parser.add_argument("--replicas", type=positive_int, default=2, help="Ray Serve replicas (2)")
+    parser.add_argument("--cpus-per-replica", type=positive_seconds, default=1.0,
+                        help="CPUs Ray reserves per replica (fractions allowed; 1)")
+    parser.add_argument("--gpus-per-replica", type=positive_seconds, default=0.0,
+                        help="GPUs Ray reserves per replica (fractions allowed; none by default)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="ONNX Runtime device (auto: CUDA when available)")
+    parser.add_argument("--allow-failed", action="store_true",
+                        help="serve a bundle with a part whose recorded calibration or validation failed its gates "
+                             "(refused otherwise)")
+    _add_device_settings(parser)
+
+
+def _device_options(args: argparse.Namespace) -> dict:
+    """`DevicePipeline`'s keyword arguments from the device options (a Ray replica builds its own pipeline)."""
+    return {"device": args.device, "intra_op_threads": args.threads, "allow_spinning": args.spinning == "on",
+            "kv": args.kv, "verify_hashes": not args.skip_hash, "expect_id": args.expect_id,
+            "allow_failed": args.allow_failed}
 
 
 def _bundle(args: argparse.Namespace) -> int:
     from runtime.bundle import write_bundle
 
+    from runtime.device.bundle import bundle_id
+
     out = write_bundle(args.model, args.llm, args.out, export=args.export, embeddings=args.embeddings,
-                       force=args.force, verify_hashes=not args.skip_hash)
+                       force=args.force, verify_hashes=not args.skip_hash, allow_failed=args.allow_failed)
     files = sorted(p for p in out.rglob("*") if p.is_file())
     size = sum(p.stat().st_size for p in files)
-    print(format_table([("bundle", str(out)), ("files", len(files)), ("size", f"{size / 1e6:.1f} MB"),
-                        ("peak RSS", f"{peak_rss_mib():.0f} MiB")], ("bundle", "")))
-    write_json(args.json, {"directory": str(out), "files": len(files), "bytes": size})
+    identity = bundle_id(out)
+    print(format_table([("bundle", str(out)), ("id", identity), ("files", len(files)),
+                        ("size", f"{size / 1e6:.1f} MB"), ("peak RSS", f"{peak_rss_mib():.0f} MiB")], ("bundle", "")))
+    write_json(args.json, {"directory": str(out), "id": identity, "files": len(files), "bytes": size})
     return EXIT_OK
 
 
@@ -369,6 +512,9 @@ def _add_bundle(parser: argparse.ArgumentParser) -> None:
                         help="dtype of the stored text embedding table (fp16)")
     parser.add_argument("--out", required=True, help="bundle directory to write (new, empty, or a bundle with --force)")
     parser.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
+    parser.add_argument("--allow-failed", action="store_true",
+                        help="bundle an artifact whose recorded calibration or validation failed its gates (refused "
+                             "otherwise); bundle.json records it, and the device runs it only with --allow-failed")
 
 
 def _quantize_llm(args: argparse.Namespace) -> int:
@@ -376,10 +522,10 @@ def _quantize_llm(args: argparse.Namespace) -> int:
 
     from aot_export.adapters import load_model
 
-    check_destination(args.out, "llm", args.force)
+    check_destination(args.out, "llm", args.force, sources={"model": args.model})
     adapter = load_model(args.model)
     out = build_onnx_decoder(adapter, args.out, precision=args.precision, execution_provider=args.ep,
-                             progress=not args.quiet, force=args.force, release_weights=True)
+                             progress=not args.quiet, force=args.force, release_weights=True, verbose=args.debug)
     size = sum(p.stat().st_size for p in out.iterdir())
     print(format_table([("model", adapter.info.model_id), ("precision", args.precision),
                         ("execution provider", args.ep), ("size", f"{size / 1e6:.1f} MB"), ("written", str(out))],
@@ -574,11 +720,20 @@ def _add_demo(parser: argparse.ArgumentParser) -> None:
                              "relative to the current directory, else a synthesized clip)")
 
 
-def _read_text(path: str) -> str:
+def _read_config(path: str):
+    """`--config`: an AOTConfig read through the bounded JSON reader, its errors naming the file."""
+    from aot_export.config import AOTConfig
+    from aot_export.manifest import read_json_object
+
+    fix = 'pass a JSON object of AOTConfig fields, e.g. {"frames": 8}'
     try:
-        return Path(path).read_text()
+        return AOTConfig.from_dict(read_json_object(Path(path), fix))
     except OSError as exc:
-        raise InputError(f"{path}: cannot be read ({exc.strerror}); pass an existing file") from exc
+        raise InputError(f"--config {path}: cannot be read ({exc.strerror}); pass an existing file") from exc
+    except InputError as exc:
+        raise InputError(f"--config {exc}") from exc
+    except ValueError as exc:
+        raise InputError(f"--config {path}: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -606,6 +761,8 @@ COMMANDS: dict[str, Command] = {
     "run": Command("answer a prompt about a video: vision (+AOT) → LLM, with a latency table", _add_run, _run),
     "live": Command("answer questions about a live stream (camera, network, file, ROS 2 recording) while it plays",
                     _add_live, _live),
+    "serve": Command("an OpenAI-compatible /v1/chat/completions endpoint with video_url parts over a bundle",
+                     _add_serve, _serve),
     "demo": Command("the whole chain on the built-in default, no arguments needed", _add_demo, _demo),
     "bundle": Command("export/engine + ONNX LLM → one directory the device runtime runs (no torch)",
                       _add_bundle, _bundle),

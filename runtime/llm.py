@@ -13,6 +13,7 @@ can be compared step by step on the same continuation.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -25,13 +26,13 @@ import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from aot_export.artifacts import atomic_dir, check_destination
+from aot_export.artifacts import atomic_dir, check_destination, reported_os_error
 from aot_export.errors import InputError
 from aot_export.manifest import hash_files
 
@@ -129,29 +130,89 @@ GENAI_BUILDER = "onnxruntime_genai.models.builder"
 
 
 def run_genai_builder(adapter, staging: Path, work: Path, precision: str, execution_provider: str,
-                      progress: bool, release_weights: bool = False) -> dict:
+                      progress: bool, release_weights: bool = False, verbose: bool = False) -> dict:
     """The checkpoint's language model → onnxruntime-genai's model builder (`inputs_embeds` in, no embedding table:
     the runtime embeds text itself) → `staging`; returns what llm.json records of how it was built (nothing more).
-    `release_weights`: the adapter's weights are freed once the checkpoint is written (the builder loads its own)."""
-    source = adapter.save_language_model(work / "hf")
+    `release_weights`: the adapter's weights are freed once the checkpoint is written (the builder loads its own).
+    The builder's output (~60 lines for the tiny model, a line per weight) is shown with `verbose` (--debug) or
+    as its last lines on failure; `progress` shows its latest line as one status line."""
+    try:
+        with transformers_progress(progress):
+            source = adapter.save_language_model(work / "hf")
+    except Exception as exc:       # safetensors reports a full disk or a file-size limit as its own error type
+        where = f"{work / 'hf'} (the LLM's checkpoint for the builder; TMPDIR moves it)"
+        raise reported_os_error(str(exc), where) or exc
     if release_weights:
         adapter.release_weights()
     command = [sys.executable, "-m", GENAI_BUILDER, "-i", str(source), "-o", str(staging),
                "-p", precision, "-e", execution_provider, "-c", str(work / "cache"),
                "--extra_options", "exclude_embeds=true"]
-    done = subprocess.run(command, capture_output=not progress, text=True)
-    if done.returncode != 0:
-        tail = (done.stderr or "").strip().splitlines()[-1:] or ["see above"]
-        raise RuntimeError(f"onnxruntime-genai's model builder failed: {tail[0]}")
+    returncode, output = run_child(command, "onnxruntime-genai builder", progress, verbose)
+    if returncode != 0:
+        if not verbose:
+            print("\n".join(output[-FAILURE_LINES:]), file=sys.stderr)
+        tail = output[-1:] or ["see above"]
+        failed = RuntimeError(f"onnxruntime-genai's model builder failed: {tail[0]}")
+        raise reported_os_error(tail[0], staging) or failed
     shutil.rmtree(staging / "cache", ignore_errors=True)
     return {}
 
 
-def decoder_builder(adapter, precision: str, execution_provider: str) -> tuple[str, Callable[..., dict]]:
+FAILURE_LINES = 10         # of a failed builder's output, shown before the error
+
+
+@contextlib.contextmanager
+def transformers_progress(show: bool) -> Iterator[None]:
+    """Transformers' own progress bars (writing a checkpoint's shards) only where ours show (not with --quiet)."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    if enabled and not show:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled and not show:
+            hf_logging.enable_progress_bar()
+
+
+def run_child(command: list[str], name: str, progress: bool, verbose: bool) -> tuple[int, list[str]]:
+    """Run `command` with its stdout and stderr read here: every line echoed on stderr when `verbose`, else the
+    latest one as a status line (on a terminal, when `progress`); returns its exit status and its lines (a
+    progress bar's redraws, split at carriage returns, count as lines)."""
+    from tqdm import tqdm
+
+    # The child runs in its own session, outside the terminal's process group: Ctrl-C interrupts us only, and we
+    # end the child, which so prints no traceback (no preexec_fn: unsafe once threads run). Bytes: its progress
+    # bars' carriage returns reach the terminal as they are (text mode makes each redraw a line).
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    lines: list[str] = []
+    status = tqdm(disable=None if progress and not verbose else True, file=sys.stderr, leave=False,
+                  bar_format="{desc} [{elapsed}]")
+    try:
+        for raw in child.stdout:
+            if verbose:
+                sys.stderr.write(raw.decode(errors="replace"))
+                sys.stderr.flush()
+            for line in filter(None, (part.strip() for part in raw.decode(errors="replace").split("\r"))):
+                lines.append(line)
+            if lines:
+                status.set_description_str(f"{name}: {lines[-1][:70]}")
+        return child.wait(), lines
+    finally:
+        status.close()
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+def decoder_builder(adapter, precision: str, execution_provider: str,
+                    verbose: bool = False) -> tuple[str, Callable[..., dict]]:
     """The family's route, its settings checked before any work: (llm.json's `builder`, the function that writes
-    the decoder into a staging directory and returns what llm.json records of it)."""
+    the decoder into a staging directory and returns what llm.json records of it). `verbose`: the genai builder's
+    own output on stderr."""
     if adapter.genai_builder:
-        return GENAI_BUILDER, run_genai_builder
+        return GENAI_BUILDER, partial(run_genai_builder, verbose=verbose)
     from .decoder_export import BUILDER, check_settings, export_decoder
 
     check_settings(precision, execution_provider)
@@ -178,17 +239,18 @@ def rotary_turns(adapter) -> list[list[float]] | None:
 
 def build_onnx_decoder(adapter, out_dir: str | os.PathLike, precision: str = "int4",
                        execution_provider: str = "cpu", progress: bool = True, force: bool = False,
-                       release_weights: bool = False) -> Path:
+                       release_weights: bool = False, verbose: bool = False) -> Path:
     """The checkpoint's language model as an ONNX decoder with `inputs_embeds` in → `out_dir` with `llm.json`:
     onnxruntime-genai's model builder where it takes the family's text model (`adapter.genai_builder`), otherwise
     the text model exported with torch.onnx, int4 by ONNX Runtime's MatMulNBits quantizer
     (runtime/decoder_export.py); llm.json's `builder` says which. `force` replaces an existing ONNX LLM there;
     anything else is refused. `release_weights` (the CLI, which needs the model no further): the adapter's weights
     are freed as soon as the route has what it needs of them — measured, `quantize-llm` of qwen2.5-vl-3b-random held
-    15 GB beside the builder's own copy and did not fit in 24 GB."""
+    15 GB beside the builder's own copy and did not fit in 24 GB. `verbose` (--debug): the genai builder's output
+    as it prints it (otherwise only its last lines, if it fails)."""
     if precision not in ("int4", "fp32", "fp16"):
         raise InputError(f"precision {precision!r}: the ONNX LLM is built as int4, fp16 or fp32")
-    builder, build = decoder_builder(adapter, precision, execution_provider)
+    builder, build = decoder_builder(adapter, precision, execution_provider, verbose)
     out_dir = Path(out_dir)
     bytes_per_weight = {"int4": 1, "fp16": 2, "fp32": 4}[precision]
     weights = sum(p.numel() for p in adapter.decoder()[0].parameters())

@@ -13,14 +13,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from aot_export.manifest import refuse_failed_calibration
+from aot_export.manifest import refuse_failed_gates
 from aot_export.preprocess import Preprocessing, preprocess_frames
 from aot_export.prompt_assembly import full_index
 from aot_export.video import decode_frames
 
 from .device.pipeline import RunReport, with_ttft
 from .llm import load_llm
-from .prompt import assemble, chat_ids
+from .prompt import assemble, check_request
 from .vision import model_adapter, open_runner, resolve_artifact
 
 DEFAULT_FRAMES = 32
@@ -37,7 +37,7 @@ class Pipeline:
         self.reduce = reduce
         self.adapter = model_adapter(artifact, adapter)
         self.manifest = artifact.manifest
-        self.warning = self.manifest and refuse_failed_calibration(self.manifest, model, allow_failed)
+        self.warning = refuse_failed_gates(model, artifact.failures, allow_failed)
         self.vision = (open_runner(artifact, backend, device, self.adapter, verify_hashes=verify_hashes) if reduce
                        else None)
         self.frames = self.manifest.video_frames if self.manifest else DEFAULT_FRAMES
@@ -74,11 +74,19 @@ class Pipeline:
                 torch.from_numpy(np.asarray(outputs["index"])))
 
     def answer(self, video: str | Path, prompt: str, max_new_tokens: int = 32) -> RunReport:
-        chat_ids(self.adapter, prompt)          # a bad prompt is refused before the video is decoded
+        # A bad prompt, or one that leaves no room for max_new_tokens, is refused before the video is decoded.
+        check_request(self.adapter, prompt, self.expected_visual_tokens(), max_new_tokens,
+                      self.adapter.aot_frames(self.frames))
         start = time.perf_counter()
         frames = decode_frames(video, self.frames)
         decoded = time.perf_counter() - start
         return self.answer_frames(frames, prompt, max_new_tokens, {"decode": decoded})
+
+    def expected_visual_tokens(self) -> int:
+        """Visual tokens a video gives, known before the vision side runs: its static graph's, or every token."""
+        if self.vision is None:
+            return self.adapter.aot_frames(self.frames) * self.adapter.info.grid ** 2
+        return (self.manifest.aot if self.manifest else self.vision.cfg).output_tokens
 
     def answer_frames(self, frames: np.ndarray, prompt: str, max_new_tokens: int = 32,
                       seconds: dict[str, float] | None = None) -> RunReport:

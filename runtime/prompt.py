@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from aot_export.errors import InputError
-from aot_export.prompt_assembly import ChatTemplate, PromptSpec, assemble_prompt
+from aot_export.prompt_assembly import ChatTemplate, PromptSpec, assemble_prompt, refuse_over_context
 from aot_export.prompt_assembly import chat_ids as spec_chat_ids
 
 # Stands in for the user's text while the chat template renders, so that the template's pieces and the user's text
@@ -70,6 +70,13 @@ def prompt_spec(adapter) -> PromptSpec:
 def chat_ids(adapter, prompt: str) -> list[int]:
     """Token ids of the rendered chat template for a user turn with one video and `prompt` (plain text)."""
     return spec_chat_ids(prompt_spec(adapter), backend_tokenizer(adapter), prompt).tolist()
+
+
+def check_request(adapter, prompt: str, visual_tokens: int, max_new_tokens: int, frames: int) -> None:
+    """The device's rule (`refuse_over_context`): the prompt with `visual_tokens` and `max_new_tokens` fits the
+    context, checked before any work."""
+    refuse_over_context(prompt_spec(adapter), backend_tokenizer(adapter), prompt, visual_tokens, max_new_tokens,
+                        frames)
 
 
 @torch.inference_mode()

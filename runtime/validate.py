@@ -19,7 +19,9 @@ from typing import Any
 import numpy as np
 
 from aot_export.adapters import ModelAdapter
-from aot_export.manifest import read_manifest
+from aot_export.artifacts import sha256_file
+from aot_export.errors import InputError
+from aot_export.manifest import MANIFEST, VALIDATION, read_manifest, record_in_manifest
 from aot_export.fidelity import VISION_GATES, Gates, compare_outputs, gate_checks
 from aot_export.preprocess import preprocess_frames
 from aot_export.progress import Stages
@@ -27,7 +29,10 @@ from aot_export.reference_runner import TorchReferenceRunner
 from aot_export.report import format_table
 from aot_export.video import decode_frames
 
-from .vision import model_adapter, open_runner, resolve_artifact
+from engines.sidecar import SIDECAR, record_in_sidecar
+
+from .device.bundle import BUNDLE
+from .vision import Artifact, model_adapter, open_runner, resolve_artifact
 
 ROWS = ("cosine_min", "cosine_mean", "max_abs", "index_agreement", "cell_agreement", "anchor_agreement",
         "matched_cosine_min", "matched_cosine_mean", "tokens")
@@ -59,6 +64,12 @@ class ValidationReport:
                 "precision": self.precision, "gates": self.gates.to_dict(), "metrics": self.metrics,
                 "checks": self.checks, "passed": self.passed, "seconds": self.seconds}
 
+    def verdict(self, video_sha256: str) -> dict:
+        """What the artifact records of this run (`aot_export.manifest.failed_gates` reads it back)."""
+        return {"video": self.video, "video_sha256": video_sha256, "backend": self.backend,
+                "precision": self.precision, "gates": self.gates.to_dict(), "metrics": self.metrics,
+                "failed": [name for name, ok in self.checks.items() if not ok], "passed": self.passed}
+
     def table(self) -> str:
         m, checks = self.metrics, self.checks
         gate = {name: self.gates.describe(name) for name in ROWS}
@@ -81,6 +92,7 @@ def validate_export(directory: str | os.PathLike, video: str | os.PathLike, mode
     if artifact.manifest is None:
         read_manifest(directory, verify_hashes=verify_hashes)     # refuses it, saying what an export directory is
     manifest = artifact.manifest
+    verdict_file = check_verdict_destination(artifact)
     adapter = model_adapter(artifact, model)
     runner = open_runner(artifact, backend, device, adapter, verify_hashes=verify_hashes)   # refusals before decoding
     stages = Stages(["decode + preprocess", "deployed", "reference", "compare"], progress)
@@ -95,5 +107,23 @@ def validate_export(directory: str | os.PathLike, video: str | os.PathLike, mode
     with stages.step():
         metrics = compare_outputs(manifest.aot, reference, actual, gates)
     stages.close()
-    return ValidationReport(str(directory), Path(video).name, runner.name, precision, gates, metrics,
-                            stages.seconds, runner.settings, {"reference": reference, "export": actual})
+    report = ValidationReport(str(directory), Path(video).name, runner.name, precision, gates, metrics,
+                              stages.seconds, runner.settings, {"reference": reference, "export": actual})
+    # The reference run against itself (--backend torch) judges no artifact: nothing to record.
+    if runner.backend != "torch":
+        record = record_in_sidecar if verdict_file.name == SIDECAR else record_in_manifest
+        record(verdict_file.parent, VALIDATION, report.verdict(sha256_file(video)))
+    return report
+
+
+def check_verdict_destination(artifact: Artifact) -> Path:
+    """The file the verdict goes to (as calibrate's does: an export's manifest, an engine's sidecar), refused
+    before the work where it cannot be rewritten — a verdict that cannot travel with the artifact is no gate."""
+    path = Path(artifact.path) / (SIDECAR if artifact.kind == "engine" else MANIFEST)
+    if (path.parent.parent / BUNDLE).is_file():
+        raise InputError(f"{path.parent} is the vision part of the bundle {path.parent.parent}, which a verdict "
+                         "written into it would break; validate the export or engine it was made from")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise InputError(f"{path.parent} is not writable, and validate records its verdict in {path.name} there; "
+                         "validate a writable copy of it")
+    return path

@@ -21,7 +21,7 @@ from typing import Any
 from aot_export import AOTConfig
 from aot_export.adapters import ModelAdapter, load_model
 from aot_export.errors import InputError
-from aot_export.manifest import MANIFEST, Manifest, read_manifest
+from aot_export.manifest import MANIFEST, Manifest, failed_gates, read_manifest
 from aot_export.reference_runner import TorchReferenceRunner
 from aot_export.runners import OnnxRuntimeRunner, VisionRunner
 from engines.runner import TensorRTRunner
@@ -39,6 +39,7 @@ class Artifact:
     kind: str                         # "engine", "export" or "model"
     manifest: Manifest | None         # the export's (for an engine: the copy in its sidecar); None for a model
     export_dir: Path | None           # the export itself, or the one an engine is checked against (None: not known)
+    failures: tuple[str, ...] = ()    # the gates its recorded verdicts failed (an engine: its export's and its own)
 
 
 def artifact_kind(path: str | os.PathLike) -> str:
@@ -62,9 +63,11 @@ def resolve_artifact(path: str | os.PathLike, export: str | os.PathLike | None =
     if kind == "engine":
         sidecar = read_sidecar(path, verify_hashes=verify_hashes)
         export_dir = Path(export) if export is not None else find_export(path, sidecar)
-        return Artifact(path, kind, Manifest.from_dict(sidecar.manifest), export_dir)
+        failures = (*failed_gates(sidecar.manifest.get("extra")), *failed_gates(sidecar.extra))
+        return Artifact(path, kind, Manifest.from_dict(sidecar.manifest), export_dir, failures)
     if kind == "export":
-        return Artifact(path, kind, read_manifest(path, verify_hashes=verify_hashes), Path(path))
+        manifest = read_manifest(path, verify_hashes=verify_hashes)
+        return Artifact(path, kind, manifest, Path(path), tuple(failed_gates(manifest.extra)))
     return Artifact(path, kind, None, None)
 
 

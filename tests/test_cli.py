@@ -18,7 +18,8 @@ def test_console_script_is_installed():
     assert "demo" in out
 
 
-# ~100 s (the default solver's 32-frame export); CI's set-up line runs `aot-export demo` as well.
+# ~50 s on 2 cores (export, check and validate of the default 32-frame graph); CI's set-up line runs `aot-export demo`
+# as well.
 @pytest.mark.heavy
 def test_demo_on_a_synthesized_clip(tmp_path, capsys):
     """The README's main job end to end (export → check → validate), on a clip made here."""

@@ -9,7 +9,7 @@ import re
 import pytest
 
 from aot_export import AOTConfig
-from aot_export.config import AUTHORS_CLIP_LENGTHS, clip_len_for
+from aot_export.config import AUTHORS_CLIP_LENGTHS, LEGACY_VALUES, UPPER_BOUNDS, clip_len_for
 from aot_export.manifest import Manifest
 from aot_export.preprocess import Preprocessing
 
@@ -210,11 +210,71 @@ def test_config_written_before_the_solver_fields_loads_as_built():
     sha256 of its sorted JSON, which engine sidecars compare) still matches."""
     old = {k: v for k, v in AOTConfig(**BASE, sinkhorn="fixed").to_dict().items() if not k.startswith("sinkhorn")}
     old["sinkhorn_iters"] = 7
-    cfg = AOTConfig.from_dict(old)
+    cfg = AOTConfig.from_recorded(old)
     assert (cfg.sinkhorn, cfg.sinkhorn_iters) == ("fixed", 7)
+    manifest = Manifest(model={}, aot=cfg, preprocessing=Preprocessing(size=16, mean=(0.5,) * 3, std=(0.5,) * 3),
+                        inputs=(), outputs=(), opset=18, files={}, versions={}).to_dict()
+    manifest["aot"] = old                                       # as that manifest recorded it
+    assert Manifest.from_dict(manifest).aot == cfg
     assert cfg.hash == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
     assert dataclasses.replace(cfg, sinkhorn="reference").hash != cfg.hash
     assert dataclasses.replace(cfg, sinkhorn_tol=1e-3).hash != cfg.hash
+
+
+# ---- one config rule (issue 22): a new config's missing keys take today's defaults ---------------------------------
+@pytest.mark.parametrize("partial", [{"frames": 8}, {"frames": 8, "sinkhorn_iters": 7}, {}])
+def test_a_new_config_leaves_out_fields_at_todays_defaults(partial):
+    """`export --config` with {"frames": 8} must export what `--frames 8` does (the "reference" solver); the
+    legacy values are for manifests written before the field existed, nothing else."""
+    cfg = AOTConfig.from_dict(partial)
+    assert cfg == AOTConfig(**partial) and cfg.sinkhorn == "reference"
+    assert AOTConfig.from_json(json.dumps(partial)) == cfg
+    assert AOTConfig.from_recorded(partial).sinkhorn == LEGACY_VALUES["sinkhorn"] == "fixed"
+
+
+def test_a_recorded_config_keeps_every_field_it_has():
+    cfg = AOTConfig(**BASE, sinkhorn="reference", sinkhorn_max_iters=30, sinkhorn_tol=1e-3)
+    assert AOTConfig.from_recorded(cfg.to_dict()) == cfg and AOTConfig.from_recorded(cfg.to_dict()).hash == cfg.hash
+
+
+@pytest.mark.parametrize("data", [3, None, [1, 2], "frames"])
+def test_a_config_that_is_not_an_object_is_refused(data):
+    with pytest.raises(ValueError, match="a config is a JSON object of fields"):
+        AOTConfig.from_dict(data)
+
+
+# ---- upper bounds: the graph is static, so every count is memory or graph size (issue 22) ---------------------------
+@pytest.mark.parametrize("name", UPPER_BOUNDS)
+@pytest.mark.parametrize("over", [1, 10 ** 18])
+def test_every_count_has_an_upper_bound_with_its_reason(name, over):
+    most, why = UPPER_BOUNDS[name]
+    with pytest.raises(ValueError) as exc:
+        AOTConfig(**{**BASE, name: most + over})
+    message = str(exc.value)
+    assert names_field(message, name) and f"at most {most}" in message and why in message, message
+
+
+def test_every_int_field_has_an_upper_bound():
+    ints = {f.name for f in dataclasses.fields(AOTConfig) if f.type.startswith("int")}
+    assert set(UPPER_BOUNDS) == ints
+
+
+@pytest.mark.parametrize("data", [{"frames": 100000}, {"sinkhorn_max_iters": 100000000},
+                                  {"sinkhorn": "fixed", "sinkhorn_iters": 10 ** 12}, {"grid": 10 ** 9}])
+def test_the_issues_absurd_counts_are_refused_at_once(data):
+    """Before the bound, frames=100000 asked the tiny model for 177 GB and 1e8 unrolled iterations never ended;
+    a grid of 1e9 would loop over its rows (smallest_window)."""
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="at most"):
+        AOTConfig.from_dict(data)
+    assert time.perf_counter() - start < 0.1
+
+
+def test_the_largest_counts_still_make_a_config():
+    assert AOTConfig(frames=512, sinkhorn_max_iters=1000).frames == 512
+    assert AOTConfig(frames=8, sinkhorn="fixed", sinkhorn_iters=1000).sinkhorn_iters == 1000
 
 
 def test_hash_tells_configs_apart():

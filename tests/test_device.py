@@ -121,7 +121,11 @@ def test_cli_run_bundle_with_repeats(bundle, clip, tmp_path, capsys):
     out = tmp_path / "run.json"
     code = main(["run", "--model", str(bundle), "--video", str(clip), "--prompt", PROMPT, "--max-new-tokens", "4",
                  "--warmup", "1", "--repeat", "3", "--json", str(out)])
-    assert code == EXIT_OK, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == EXIT_OK, err
+    # A line per run on stderr: N runs of a full-size bundle are minutes
+    progress = [line.split(":")[0] for line in err.splitlines() if line.startswith(("warm-up ", "run "))]
+    assert progress == ["warm-up 1/1", "run 1/3", "run 2/3", "run 3/3"]
     report = json.loads(out.read_text())
     stages = report["latency"]
     assert {"vision + AOT", "LLM prefill", "time to first token"} <= set(stages)

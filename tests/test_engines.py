@@ -13,11 +13,12 @@ import pytest
 from runtime.cli import EXIT_BAD_INPUT, EXIT_OK, main
 from aot_export.errors import InputError
 from aot_export.manifest import read_manifest
+from aot_export.onnx_io import read_values
 from aot_export.onnx_scopes import node_scope
 from engines.build import build_engine_dir, settings_for, trtexec_command
 from engines.loaders import BuildSettings, fp32_layers, network_flags, parse_onnx
 from engines.flavours import FLAVOURS, load_tensorrt
-from engines.precision import export_fp16, fp32_nodes
+from engines.precision import body_nodes, export_fp16, fp32_nodes
 from engines.sidecar import PLAN, SIDECAR, EngineMismatch, Machine, load_engine, read_sidecar
 from engines.targets import TARGETS, get_target
 
@@ -91,6 +92,23 @@ def test_fp16_export_keeps_the_aot_block_fp32(tiny_export, fp16_dir):
     touched = [n.name for n in model.graph.node if n.name in kept
                and any(dtypes.get(t) == half for t in [*n.input, *n.output])]
     assert touched == []
+    # Nor through a cast to fp16 and back between fp32 nodes (the converter made 3,442 such round trips in the
+    # 32-frame graph), nor in the Sinkhorn's Scans, whose bodies read the outer graph's tensors by name. (Outputs
+    # are the converter's: the tokens are cast to fp16 and back to fp32 at the interface.)
+    to = {n.output[0]: next(a.i for a in n.attribute if a.name == "to")
+          for n in model.graph.node if n.op_type == "Cast"}
+    readers = {}
+    for node in model.graph.node:
+        for name in read_values(node):
+            readers.setdefault(name, []).append(node)
+    outputs = {o.name for o in model.graph.output}
+    round_trips = [name for name, kind in to.items() if kind == half and readers.get(name)
+                   and all(to.get(r.output[0]) == onnx.TensorProto.FLOAT and r.output[0] not in outputs
+                           for r in readers[name])]
+    assert round_trips == []
+    scans = [n for n in model.graph.node if n.op_type == "Scan"]
+    outer = {name for scan in scans for name in read_values(scan)} & set(dtypes)
+    assert scans and outer and all(dtypes[name] != half for name in outer)
     assert sum(dtypes.get(init.name) == half for init in model.graph.initializer) > 10
     assert {o.name: o.type.tensor_type.elem_type for o in model.graph.output}["tokens"] == onnx.TensorProto.FLOAT
 
@@ -123,6 +141,9 @@ def test_fp32_layers_are_the_aot_and_score_layers(tiny_export):
     names = {layer.name for layer in layers}
     reducer_nodes = [n for n, s in scope.items() if s == "reducer"]
     assert len(layers) >= len(reducer_nodes) * 0.9
+    # The Sinkhorn iterations' layers, inside the Scans' loops, are named after the bodies' nodes (no scope)
+    body = {name for n in model.graph.node if n.op_type == "Scan" for name in body_nodes(n)}
+    assert body and body <= names
     assert not names & {n for n, s in scope.items() if s == "tower" and "layer_norm" not in n and "Softmax" not in n
                         and "Pow" not in n}
 

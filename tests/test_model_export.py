@@ -3,6 +3,7 @@ Hugging Face's eager attention, the exported graph through check and validate, a
 
 import importlib.util
 import json
+from pathlib import Path
 
 import av
 import numpy as np
@@ -206,8 +207,10 @@ def test_bad_videos(tiny_export, tmp_path, capsys, kind):
 
 
 def test_unsupported_model_type(tmp_path, capsys):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    err = bad_input(capsys, ["export", "--model", str(tmp_path), "--out", str(tmp_path / "out")])
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    err = bad_input(capsys, ["export", "--model", str(checkpoint), "--out", str(tmp_path / "out")])
     assert "'bert' is not supported" in err and "llava_onevision" in err
     assert not (tmp_path / "out").exists()
 
@@ -268,6 +271,13 @@ def test_interrupted_export_keeps_the_old_one(tiny_export, tmp_path, tiny, monke
         assert path.is_file()
         raise KeyboardInterrupt
 
+    class Traced:
+        """Stands in for the traced graph (tracing is seconds; what replacing the export leaves is the point)."""
+
+        def save(self, path, external_data):
+            Path(path).write_bytes(b"graph")
+
+    monkeypatch.setattr(aot_export.export, "trace_onnx", lambda *args: Traced())
     monkeypatch.setattr(aot_export.export, "verify_static", interrupted)
     with pytest.raises(KeyboardInterrupt):
         export_vision_aot(tiny, CFG, target, progress=False, force=True)

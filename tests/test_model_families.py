@@ -209,8 +209,10 @@ def test_frame_count_the_temporal_patch_does_not_divide(tmp_path, capsys):
 
 
 def test_model_type_not_in_the_table(tmp_path, capsys):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2_vl"}))
-    err = bad_input(capsys, ["export", "--model", str(tmp_path), "--out", str(tmp_path / "out")])
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text(json.dumps({"model_type": "qwen2_vl"}))
+    err = bad_input(capsys, ["export", "--model", str(checkpoint), "--out", str(tmp_path / "out")])
     assert "'qwen2_vl' is not supported" in err
     assert {"qwen2_5_vl", "cosmos3_edge", "llava_onevision"} <= set(ADAPTERS) and all(t in err for t in ADAPTERS)
 

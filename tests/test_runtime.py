@@ -204,7 +204,7 @@ def test_onnx_llm_is_verified_on_load(tiny, onnx_llm, tmp_path, clip, capsys):
                  str(tampered), "--max-new-tokens", "2", "--skip-hash"]) == EXIT_OK, capsys.readouterr().err
     missing = copy("missing")
     (missing / weights).unlink()
-    with pytest.raises(InputError, match=f"{weights} named by the manifest is missing"):
+    with pytest.raises(InputError, match=f"{weights} is missing \\(llm.json lists it\\)"):
         OnnxDecoder(missing, tiny)
     cuda = copy("cuda")
     (cuda / LLM_MANIFEST).write_text(json.dumps({**manifest, "execution_provider": "cuda"}))

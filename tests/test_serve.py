@@ -222,7 +222,7 @@ def test_requests_beyond_the_queue_get_429_with_retry_after(pipeline, media):
     codes = sorted(code for code, _, _ in results)
     assert codes.count(200) >= 2 and 429 in codes and set(codes) <= {200, 429}, codes
     refused = next(r for r in results if r[0] == 429)
-    assert refused[1]["retry-after"] == "1" and refused[2]["error"]["type"] == "rate_limit_error"
+    assert int(refused[1]["retry-after"]) >= 1 and refused[2]["error"]["type"] == "rate_limit_error"
 
 
 def test_api_key(pipeline, media):

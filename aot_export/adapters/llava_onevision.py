@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from ..config import AOTConfig
 from ..errors import InputError
 from ..preprocess import Preprocessing
+from ..prompt_assembly import refuse_ids_past_table
 from ..reducer import AOTReducer
 from .base import ModelAdapter, ModelInfo, config_hash
 from .scores import attention_received, received_from_weights
@@ -103,8 +104,8 @@ def placeholder_ids(tokenizer: Any, placeholders: dict[str, str] = PLACEHOLDERS)
 def check_placeholders(model_id: str, config: Any, tokenizer: Any,
                        placeholders: dict[str, str] = PLACEHOLDERS) -> None:
     """The tokenizer and the config must agree on the placeholder ids (`placeholders`: config field → token), or
-    every prompt renders 0 video placeholders; checked before the weights load (seconds to minutes), naming the
-    real cause."""
+    every prompt renders 0 video placeholders, and the ids must be rows of the LLM's embedding table; checked
+    before the weights load (seconds to minutes), naming the real cause."""
     if tokenizer is None:
         return
     for field, token in placeholders.items():
@@ -113,6 +114,8 @@ def check_placeholders(model_id: str, config: Any, tokenizer: Any,
             raise InputError(f"{model_id}: the tokenizer's {token} is id {in_tokenizer} but the config's {field} is "
                              f"{in_config}; the tokenizer and config.json come from different checkpoints: put the "
                              "checkpoint's own tokenizer files beside its config.json")
+    refuse_ids_past_table({f"the placeholder {token}": getattr(config, field) for field, token in placeholders.items()},
+                          config.get_text_config().vocab_size, model_id)
 
 
 # Processor settings of the published LLaVA-OneVision checkpoints (SigLIP normalisation).

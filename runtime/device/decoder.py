@@ -12,7 +12,6 @@ step): the portable fallback, and the baseline the decode figures in docs/benchm
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from typing import Callable
 import numpy as np
 
 from aot_export.errors import InputError
-from aot_export.manifest import file_findings, read_json_object
+from aot_export.manifest import confinement_finding, file_findings, read_json_object, read_manifest_file
 from aot_export.runners import session_options
 
 LLM_MANIFEST = "llm.json"
@@ -62,21 +61,42 @@ def greedy(step: Callable[[np.ndarray], np.ndarray], embed: Callable[[int], np.n
 
 
 def read_llm_manifest(directory: str | os.PathLike, *, verify_hashes: bool = True) -> dict:
-    """`llm.json`, refused unless every file it names is there with its recorded size and (with `verify_hashes`)
-    sha256."""
+    """`llm.json`, refused unless the directory holds exactly the files it names (`file_findings`), each with its
+    recorded size and (with `verify_hashes`) sha256, and genai_config.json's decoder graph is one of them."""
     directory = Path(directory)
     path = directory / LLM_MANIFEST
+    fix = "rebuild it with `aot-export quantize-llm`"
     if not path.is_file():
         raise InputError(f"{directory}: no {LLM_MANIFEST}; build the ONNX LLM with `aot-export quantize-llm`")
-    manifest = read_json_object(path, "rebuild it with `aot-export quantize-llm`")
+    manifest = read_manifest_file(directory, LLM_MANIFEST, fix)
     files, sizes = manifest.get("files"), manifest.get("sizes", {})
-    if not isinstance(files, dict) or not isinstance(sizes, dict) or not files:
-        raise InputError(f"{path}: names no files with their sha256; rebuild it with `aot-export quantize-llm`")
-    findings = file_findings(directory, files, sizes, verify_hashes)
+    if not isinstance(sizes, dict):
+        raise InputError(f"{path}: its 'sizes' is a JSON {type(sizes).__name__}, not an object; {fix}")
+    findings = file_findings(directory, files, sizes, verify_hashes, LLM_MANIFEST)
     if findings:
-        raise InputError(f"{directory}: {findings[0]}; the LLM was changed after it was built: rebuild it with "
-                         "`aot-export quantize-llm` or restore it")
+        raise InputError(f"{directory}: {findings[0]}; the LLM was changed after it was built: {fix} or restore it")
+    read_genai_config(directory, files)
     return manifest
+
+
+def read_genai_config(directory: Path, files: dict) -> dict:
+    """genai_config.json's `model` section, refused unless it is one of the files llm.json lists (`files`) and
+    so is the decoder graph it names — inside the directory and hashed like the rest."""
+    path, fix = directory / GENAI_CONFIG, "rebuild it with `aot-export quantize-llm`"
+    if GENAI_CONFIG not in files:
+        raise InputError(f"{directory}: {LLM_MANIFEST} does not list {GENAI_CONFIG}; {fix}")
+    model = read_json_object(path, fix).get("model")
+    decoder = model.get("decoder") if isinstance(model, dict) else None
+    if not isinstance(decoder, dict) or not isinstance(model.get("vocab_size"), int) or not all(
+            isinstance(decoder.get(key), int) for key in ("num_hidden_layers", "num_key_value_heads", "head_size",
+                                                          "hidden_size")):
+        raise InputError(f"{path}: no decoder section with its sizes (model.decoder, model.vocab_size); {fix}")
+    filename = decoder.get("filename")
+    why = confinement_finding(directory, filename) or (
+        None if filename in files else f"{filename} is not listed in {LLM_MANIFEST}")
+    if why:
+        raise InputError(f"{path} names the decoder graph, but {why}; {fix}")
+    return model
 
 
 class Positions:
@@ -126,7 +146,7 @@ class OrtDecoder:
             raise InputError(f"{self.directory} was built for the {built_for} execution provider and cannot run on "
                              f"this CPU; rebuild it with `aot-export quantize-llm --ep cpu`, or run where "
                              f"{built_for} is available")
-        config = json.loads((self.directory / GENAI_CONFIG).read_text())["model"]["decoder"]
+        config = read_genai_config(self.directory, self.manifest["files"])["decoder"]
         self.layers, self.kv_heads, self.head_size = (config["num_hidden_layers"], config["num_key_value_heads"],
                                                       config["head_size"])
         self.hidden = config["hidden_size"]
@@ -148,9 +168,11 @@ class OrtDecoder:
 
     def generate(self, embeds: np.ndarray, max_new_tokens: int, embed: Callable[[int], np.ndarray],
                  eos: int | None = None, forced: list[int] | None = None,
-                 position_ids: np.ndarray | None = None) -> Generation:
+                 position_ids: np.ndarray | None = None,
+                 on_token: Callable[[int], None] | None = None) -> Generation:
         """`embeds` [1, L, H] float32 → greedy tokens; `embed(token)` gives a generated token's [1, 1, H];
-        `position_ids` [3, 1, L]: explicit 3-D positions (generated tokens continue after the largest)."""
+        `position_ids` [3, 1, L]: explicit 3-D positions (generated tokens continue after the largest);
+        `on_token` sees each token as it is chosen (an exception it raises stops the generation)."""
         embeds = np.ascontiguousarray(embeds, dtype=np.float32)
         if embeds.ndim != 3 or embeds.shape[0] != 1 or embeds.shape[2] != self.hidden:
             raise InputError(f"the prompt embeddings are {list(embeds.shape)}, the LLM takes [1, L, {self.hidden}]; "
@@ -161,9 +183,10 @@ class OrtDecoder:
                              "--model` the exported model (or use --llm transformers)")
         positions = Positions(position_ids)
         run = self._bound if self.kv == "bound" else self._numpy
-        return run(embeds, max_new_tokens, embed, eos, forced, positions)
+        return run(embeds, max_new_tokens, embed, eos, forced, positions, on_token)
 
-    def _numpy(self, embeds, max_new_tokens, embed, eos, forced, positions: "Positions") -> Generation:
+    def _numpy(self, embeds, max_new_tokens, embed, eos, forced, positions: "Positions",
+               on_token=None) -> Generation:
         empty = np.zeros((1, self.kv_heads, 0, self.head_size), np.float32)
         past = dict.fromkeys(self.past_names, empty)
         length = embeds.shape[1]
@@ -187,10 +210,11 @@ class OrtDecoder:
             return forward(embedding)
 
         start = time.perf_counter()
-        tokens, logits = greedy(step, embed, first, max_new_tokens, eos, forced)
+        tokens, logits = greedy(step, embed, first, max_new_tokens, eos, forced, on_token)
         return Generation(tokens, logits, prefill, time.perf_counter() - start, embeds.shape[1])
 
-    def _bound(self, embeds, max_new_tokens, embed, eos, forced, positions: "Positions") -> Generation:
+    def _bound(self, embeds, max_new_tokens, embed, eos, forced, positions: "Positions",
+               on_token=None) -> Generation:
         # Room for a few tokens more than the prompt; the cache grows if the answer runs longer.
         cache = KVCache(self, embeds.shape[1] + min(max_new_tokens, 64))
         start = time.perf_counter()
@@ -201,7 +225,7 @@ class OrtDecoder:
             return cache.append(embedding, positions.feed().get("position_ids"))
 
         start = time.perf_counter()
-        tokens, logits = greedy(step, embed, first, max_new_tokens, eos, forced)
+        tokens, logits = greedy(step, embed, first, max_new_tokens, eos, forced, on_token)
         return Generation(tokens, logits, prefill, time.perf_counter() - start, embeds.shape[1])
 
     def cache(self, capacity: int) -> "KVCache":

@@ -11,7 +11,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -72,16 +72,16 @@ def with_ttft(seconds: dict[str, float]) -> dict[str, float]:
 
 
 def measure(pipeline: Any, video: str | os.PathLike, prompt: str, max_new_tokens: int = 32, warmup: int = 0,
-            repeat: int = 1) -> RunReport:
+            repeat: int = 1, progress: Callable[[str], None] | None = None) -> RunReport:
     """`pipeline.answer` (device or reference) `repeat` times after `warmup`: the last report, with p50 / p90 /
-    max of every stage over the timed runs in `latency`."""
+    max of every stage over the timed runs in `latency`. `progress` gets a line per run when there are several."""
     reports: list[RunReport] = []
 
     def once() -> dict[str, float]:
         reports.append(pipeline.answer(video, prompt, max_new_tokens))
         return reports[-1].seconds
 
-    stats = repeat_stages(once, warmup, repeat)
+    stats = repeat_stages(once, warmup, repeat, progress if warmup + repeat > 1 else None)
     report = reports[-1]
     report.latency = stats if repeat > 1 or warmup > 0 else {}
     return report
@@ -89,11 +89,16 @@ def measure(pipeline: Any, video: str | os.PathLike, prompt: str, max_new_tokens
 
 class DevicePipeline:
     """Holds an active vision runner and the LLM session: a context manager (or call `close()`). `verify_hashes`:
-    every file's sha256 checked against the bundle's records (sizes of the vision and LLM parts always)."""
+    every file's sha256 checked against the bundle's records (sizes of the vision and LLM parts always);
+    `expect_id`: only the bundle whose id (`bundle_id`) it is runs; `allow_failed`: a bundle with a part that failed
+    its gates runs too (`warning` says so)."""
 
     def __init__(self, bundle: str | os.PathLike | Bundle, device: str = "auto", intra_op_threads: int | None = None,
-                 allow_spinning: bool = False, kv: str = "bound", *, verify_hashes: bool = True):
-        self.bundle = bundle if isinstance(bundle, Bundle) else read_bundle(bundle, verify_hashes=verify_hashes)
+                 allow_spinning: bool = False, kv: str = "bound", *, verify_hashes: bool = True,
+                 expect_id: str | None = None, allow_failed: bool = False):
+        self.bundle = bundle if isinstance(bundle, Bundle) else read_bundle(
+            bundle, verify_hashes=verify_hashes, expect_id=expect_id, allow_failed=allow_failed)
+        self.warning = self.bundle.warning
         data, root = self.bundle.data, self.bundle.directory
         self.preprocessing = Preprocessing.from_dict(data["preprocessing"])
         self.frames = data["frames"]                                  # decoded frames the graph takes
@@ -101,6 +106,7 @@ class DevicePipeline:
         spec = self.bundle.prompt_spec
         self.text = DeviceText(root / TOKENIZER, root / EMBEDDINGS, root / NEWLINE if spec.layout is None else None,
                                spec, data["text"]["eos_token_id"])
+        self.text.check_token_rows(str(root))                # before the vision graph and the LLM load
         self.vision = self._vision(device, intra_op_threads, allow_spinning, verify_hashes)
         providers = onnxruntime_providers(device)
         self.llm = OrtDecoder(root / LLM_DIR, tuple(providers), kv=kv, intra_op_threads=intra_op_threads,
@@ -134,10 +140,15 @@ class DevicePipeline:
         self.close()
 
     def answer(self, video: str | Path, prompt: str, max_new_tokens: int = 32) -> RunReport:
-        self.text.prompt_ids(prompt)                 # a bad prompt is refused before the video is decoded
+        self.check_request(prompt, max_new_tokens)  # a bad prompt is refused before the video is decoded
         start = time.perf_counter()
         frames = decode_frames(video, self.frames)
         return self.answer_frames(frames, prompt, max_new_tokens, {"decode": time.perf_counter() - start})
+
+    def check_request(self, prompt: str, max_new_tokens: int) -> None:
+        """The prompt, the graph's visual tokens and `max_new_tokens` fit the LLM's context."""
+        self.text.check_request(prompt, max_new_tokens, self.bundle.export_manifest.aot.output_tokens,
+                                self.aot_frames)
 
     def reduce(self, frames: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         """[frames, H, W, 3] uint8 RGB → the vision graph's outputs (`tokens`, `index`) and the seconds of each
@@ -158,6 +169,7 @@ class DevicePipeline:
 
     def answer_frames(self, frames: np.ndarray, prompt: str, max_new_tokens: int = 32,
                       seconds: dict[str, float] | None = None) -> RunReport:
+        self.check_request(prompt, max_new_tokens)
         outputs, stages = self.reduce(frames)
         seconds = {**(seconds or {}), **stages}
         start = time.perf_counter()
@@ -174,7 +186,8 @@ class DevicePipeline:
         """The vision graph's `tokens` and `index` in the family's prompt (the one assembly)."""
         return self.text.assemble(prompt, outputs["tokens"], outputs["index"], self.aot_frames)
 
-    def generate(self, prompt: AssembledPrompt, max_new_tokens: int, forced: list[int] | None = None):
-        """The LLM on an assembled prompt (its 3-D positions, where it has them)."""
+    def generate(self, prompt: AssembledPrompt, max_new_tokens: int, forced: list[int] | None = None,
+                 on_token: Callable[[int], None] | None = None):
+        """The LLM on an assembled prompt (its 3-D positions, where it has them); `on_token` sees each token."""
         return self.llm.generate(prompt.embeds, max_new_tokens, self.text.embed_token, eos=self.text.eos_token_id,
-                                 forced=forced, position_ids=prompt.position_ids)
+                                 forced=forced, position_ids=prompt.position_ids, on_token=on_token)

@@ -19,6 +19,7 @@ import base64
 import binascii
 import hmac
 import json
+import math
 import os
 import tempfile
 import threading
@@ -246,15 +247,22 @@ class Engine:
     worker: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="infer"))
     admitted: int = 0
     cancelled: int = 0                     # generations stopped because their client went away
+    seconds_per_request: float = 1.0       # a running mean of the answers' times (Retry-After's estimate)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def admit(self) -> None:
-        """One more request, or 429 when `max_queue` already wait (the one running included)."""
+        """One more request, or 429 when `max_queue` already wait (the one running included), with Retry-After the
+        seconds the queue ahead takes to drain (a fixed 1 s sent clients back before a slot could have freed)."""
         with self.lock:
             if self.admitted >= self.settings.max_queue + 1:
-                raise ApiError(429, f"{self.admitted} requests are already queued; retry shortly",
-                               kind="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+                drain = max(1, math.ceil(self.admitted * self.seconds_per_request))
+                raise ApiError(429, f"{self.admitted} requests are already queued; retry in {drain} s",
+                               kind="rate_limit_error", code="queue_full", headers={"Retry-After": str(drain)})
             self.admitted += 1
+
+    def timed(self, seconds: float) -> None:
+        with self.lock:
+            self.seconds_per_request = 0.8 * self.seconds_per_request + 0.2 * seconds
 
     def release(self) -> None:
         with self.lock:
@@ -282,6 +290,7 @@ class Engine:
                cancelled: threading.Event) -> Completion:
         """Runs on the worker thread: video → vision + AOT → prompt → greedy tokens (`on_text` gets each new
         piece of text)."""
+        started = time.perf_counter()
         text = self.pipeline.text
         text.prompt_ids(request.prompt)                   # a bad prompt is refused before the video is decoded
         with tempfile.TemporaryDirectory(prefix="aot-serve-") as work:
@@ -314,6 +323,7 @@ class Engine:
                 shown = decoded
 
         generation = self.pipeline.generate(prompt, request.max_tokens, on_token=on_token)
+        self.timed(time.perf_counter() - started)
         ended = generation.tokens and generation.tokens[-1] == text.eos_token_id
         return Completion(text.decode(generation.tokens), len(generation.tokens), prompt.length,
                           prompt.visual_tokens, "stop" if ended else "length")

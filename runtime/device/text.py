@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from aot_export.prompt_assembly import AssembledPrompt, PromptSpec, assemble_prompt, chat_ids
+from aot_export.prompt_assembly import (AssembledPrompt, PromptSpec, assemble_prompt, chat_ids, prompt_token_ids,
+                                        refuse_ids_past_table, refuse_over_context)
 
 
 class DeviceText:
@@ -28,6 +29,15 @@ class DeviceText:
     def prompt_ids(self, prompt: str) -> np.ndarray:
         """The chat template around `prompt` as ids (refuses an empty or overlong prompt)."""
         return chat_ids(self.spec, self.tokenizer, prompt)
+
+    def check_token_rows(self, where: str) -> None:
+        """The placeholder, the template's tokens and the tokenizer's vocabulary are rows of the embedding table
+        (before the vision graph and the LLM load)."""
+        refuse_ids_past_table(prompt_token_ids(self.spec, self.tokenizer), len(self.table), where)
+
+    def check_request(self, prompt: str, max_new_tokens: int, visual_tokens: int, frames: int) -> None:
+        """`prompt` with the video's `visual_tokens` and `max_new_tokens` fits the context (before any work)."""
+        refuse_over_context(self.spec, self.tokenizer, prompt, visual_tokens, max_new_tokens, frames)
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         """ids [L] → [L, H] float32 from the table."""

@@ -368,8 +368,7 @@ def _live(args: argparse.Namespace) -> int:
                     print(event.line(), flush=True)
         finally:
             stream.close()
-            summary = {"source": args.source, "settings": {k: v for k, v in vars(settings).items()
-                                                           if k != "counters"},
+            summary = {"source": args.source, "settings": vars(settings),
                        "end": None if end is None else end.to_dict(), "events": events,
                        "events_left_out": seen - len(events)}
             write_json(args.json, summary)

@@ -21,7 +21,7 @@ import queue
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, ClassVar, Iterable, Iterator
 
 import numpy as np
@@ -395,7 +395,6 @@ class LiveSettings:
     drop: bool = True                     # a live source drops clips when behind; a file read flat out waits
     duration_s: float | None = None       # stop after this much stream time
     stream_tokens: bool = False           # yield AnswerToken events as tokens are chosen
-    counters: dict[str, int] = field(default_factory=dict)
 
     def check(self) -> None:
         if not (self.fps > 0 and np.isfinite(self.fps)):

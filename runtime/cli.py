@@ -306,9 +306,7 @@ def _device_pipeline(args: argparse.Namespace):
         if getattr(args, option[2:].replace("-", "_"), None):
             raise InputError(f"{option} does not apply to a bundle (it holds its vision artifact, checked against "
                              "its export, and its LLM); drop it, or run the export/engine directory instead")
-    pipeline = DevicePipeline(args.model, device=args.device, intra_op_threads=args.threads,
-                              allow_spinning=args.spinning == "on", kv=args.kv, verify_hashes=not args.skip_hash,
-                              expect_id=args.expect_id, allow_failed=args.allow_failed)
+    pipeline = DevicePipeline(args.model, **_device_options(args))
     if pipeline.warning:
         print(pipeline.warning, file=sys.stderr)
     return pipeline
@@ -401,12 +399,7 @@ def _add_live(parser: argparse.ArgumentParser) -> None:
                              "their new positions (shift), or the kept clips prefilled again (docs/benchmarks.md)")
     parser.add_argument("--pending", type=positive_int, default=1,
                         help="clips waiting for the pipeline before the oldest is dropped (1)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="ONNX Runtime device (auto: CUDA when available)")
-    parser.add_argument("--allow-failed", action="store_true",
-                        help="run a bundle with a part whose recorded calibration or validation failed its gates "
-                             "(refused otherwise)")
-    _add_device_settings(parser)
+    _add_bundle_runtime(parser, "run")
 
 
 # ---- serving: `serve --model BUNDLE` (issue #20) --------------------------------------------------------------
@@ -472,10 +465,15 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
                         help="CPUs Ray reserves per replica (fractions allowed; 1)")
     parser.add_argument("--gpus-per-replica", type=positive_seconds, default=0.0,
                         help="GPUs Ray reserves per replica (fractions allowed; none by default)")
+    _add_bundle_runtime(parser, "serve")
+
+
+def _add_bundle_runtime(parser: argparse.ArgumentParser, verb: str) -> None:
+    """The options of a command that runs a bundle on the device (`live`, `serve`)."""
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="ONNX Runtime device (auto: CUDA when available)")
     parser.add_argument("--allow-failed", action="store_true",
-                        help="serve a bundle with a part whose recorded calibration or validation failed its gates "
+                        help=f"{verb} a bundle with a part whose recorded calibration or validation failed its gates "
                              "(refused otherwise)")
     _add_device_settings(parser)
 

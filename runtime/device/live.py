@@ -31,7 +31,7 @@ from aot_export.prompt_assembly import AssembledPrompt, assemble_prompt
 from aot_export.report import peak_rss_mib
 
 from .decoder import OrtDecoder, greedy
-from .text import DeviceText
+from .text import DeviceText, TextStream
 
 EVICTIONS = ("shift", "reprefill")
 # The clips' layout never depends on the question (the video precedes it in every family's template), so the
@@ -467,16 +467,13 @@ class LiveRun:
         self.questions += 1
         number = self.questions
         streamed: list[Event] = []
-        tokens: list[int] = []
-        shown = ""
+        on_token = None
+        if self.settings.stream_tokens:
+            pieces = TextStream(self.window.text)
 
-        def on_token(token: int) -> None:
-            nonlocal shown
-            tokens.append(token)
-            text = self.window.text.decode(tokens)
-            if self.settings.stream_tokens and not text.endswith("\ufffd") and len(text) > len(shown):
-                streamed.append(AnswerToken(number, text[len(shown):]))
-                shown = text
+            def on_token(token: int) -> None:
+                if piece := pieces.push(token):
+                    streamed.append(AnswerToken(number, piece))
 
         try:
             reply = self.window.ask(question, self.settings.max_new_tokens, on_token)

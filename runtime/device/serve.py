@@ -34,6 +34,8 @@ import numpy as np
 
 from aot_export.errors import InputError
 
+from .text import TextStream
+
 DEFAULT_HOST = "127.0.0.1"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -307,20 +309,15 @@ class Engine:
         if prompt.length + request.max_tokens > text.spec.context_length:
             raise ApiError(400, f"the prompt ({prompt.length} tokens) and max_tokens {request.max_tokens} exceed the "
                                 f"model's context of {text.spec.context_length}", param="max_tokens")
-        tokens: list[int] = []
-        shown = ""
+        pieces = TextStream(text) if on_text is not None else None
 
         def on_token(token: int) -> None:
-            nonlocal shown
             if cancelled.is_set():
                 with self.lock:
                     self.cancelled += 1
                 raise Cancelled()
-            tokens.append(token)
-            decoded = text.decode(tokens)
-            if on_text is not None and not decoded.endswith("\ufffd") and len(decoded) > len(shown):
-                on_text(decoded[len(shown):])
-                shown = decoded
+            if pieces is not None and (piece := pieces.push(token)):
+                on_text(piece)
 
         generation = self.pipeline.generate(prompt, request.max_tokens, on_token=on_token)
         self.timed(time.perf_counter() - started)

@@ -52,3 +52,19 @@ class DeviceText:
 
     def embed_token(self, token: int) -> np.ndarray:
         return np.asarray(self.table[token], dtype=np.float32)[None, None]
+
+
+class TextStream:
+    """Greedy tokens → the text each one adds, for answers streamed as they are chosen: a piece is held back while
+    the text so far ends inside a character (U+FFFD), and comes out whole with the token that completes it."""
+
+    def __init__(self, text: DeviceText):
+        self.text, self.tokens, self.shown = text, [], ""
+
+    def push(self, token: int) -> str:
+        self.tokens.append(token)
+        decoded = self.text.decode(self.tokens)
+        if decoded.endswith("\ufffd") or len(decoded) <= len(self.shown):
+            return ""
+        piece, self.shown = decoded[len(self.shown):], decoded
+        return piece

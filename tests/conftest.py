@@ -45,6 +45,31 @@ def tiny_bundle(tiny, tiny_export, tiny_llm, tmp_path_factory):
 
 
 SHARED_VIDEOS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "videos"
+# The trained fixture (issue #21): `python bench/trained_fixture.py --out build/trained` makes it; `.ci/run` does
+# before the heavy tier. Tests that need it skip without it.
+TRAINED_CHECKPOINT = Path(__file__).resolve().parents[1] / "build" / "trained" / "llava-ov-trained"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--trained-checkpoint", default=str(TRAINED_CHECKPOINT),
+                     help="the trained fixture's checkpoint directory (bench/trained_fixture.py)")
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(request):
+    """The trained LLaVA-OneVision fixture (DINOv2 ViT-S tower, Qwen2.5-0.5B LLM); skips where it is not built."""
+    path = Path(request.config.getoption("--trained-checkpoint"))
+    if not (path / "fixture.json").is_file():
+        pytest.skip(f"no trained fixture at {path}: python bench/trained_fixture.py --out {path.parent}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def trained_export(trained_checkpoint, tmp_path_factory):
+    """The trained fixture's fp32 export at 8 frames (the default budgets), built once per session."""
+    adapter = load_model(str(trained_checkpoint))
+    return export_vision_aot(adapter, AOTConfig(frames=8), tmp_path_factory.mktemp("trained") / "export",
+                             progress=False).directory
 
 
 def random_inputs(cfg, hidden, seed=0, dtype=torch.float32):

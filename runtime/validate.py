@@ -5,7 +5,9 @@ DIR is an export directory (default backend: ONNX Runtime, CUDA when available) 
 TensorRT; checked against its export and this machine first). The same decoded, preprocessed frames go through the
 backend's runner and through the reference runner (the Hugging Face model with its own eager attention, the
 projector and `AOTReducer` in PyTorch), are compared by `aot_export.fidelity.compare_outputs` and gated by
-`aot_export.fidelity.VISION_GATES` for the precision the artifact computes in. `--backend torch` runs the
+`aot_export.fidelity.VISION_GATES` for the precision the artifact computes in; for a reduced precision the anchor
+floor is lowered to what the reference keeps of its own anchors under sub-pixel input noise on this video where
+that is lower (`calibration.calibrate.input_noise_floor`, `NoiseFloor.gates`). `--backend torch` runs the
 reference against itself (a determinism check of the reference, not of an export).
 """
 
@@ -22,20 +24,22 @@ from aot_export.adapters import ModelAdapter
 from aot_export.artifacts import sha256_file
 from aot_export.errors import InputError
 from aot_export.manifest import MANIFEST, VALIDATION, read_manifest, record_in_manifest
-from aot_export.fidelity import VISION_GATES, Gates, compare_outputs, gate_checks
+from aot_export.fidelity import NOISE_DRAWS, VISION_GATES, Gates, NoiseFloor, compare_outputs, gate_checks
 from aot_export.preprocess import preprocess_frames
 from aot_export.progress import Stages
 from aot_export.reference_runner import TorchReferenceRunner
 from aot_export.report import format_table
 from aot_export.video import decode_frames
 
+from calibration.calibrate import input_noise_floor
 from engines.sidecar import SIDECAR, record_in_sidecar
 
 from .device.bundle import BUNDLE
 from .vision import Artifact, model_adapter, open_runner, resolve_artifact
 
 ROWS = ("cosine_min", "cosine_mean", "max_abs", "index_agreement", "cell_agreement", "anchor_agreement",
-        "matched_cosine_min", "matched_cosine_mean", "tokens")
+        "arithmetic_cosine_min", "arithmetic_cosine_mean", "arithmetic_tokens", "matched_cosine_min",
+        "matched_cosine_mean", "tokens")
 
 
 @dataclass
@@ -50,6 +54,10 @@ class ValidationReport:
     runner: dict[str, Any] = field(default_factory=dict)      # the runner's settings
     # Both runs' outputs, for whoever continues from them (the LLM chain); not part of the report.
     outputs: dict[str, dict[str, np.ndarray]] = field(default_factory=dict, repr=False)
+    # `gates` is what the run was held to: the precision's fixed gates (`fixed_gates`), the anchor floor lowered
+    # to the noise floor measured on this video where that is lower (`noise_floor`; None: not measured).
+    fixed_gates: Gates | None = None
+    noise_floor: NoiseFloor | None = None
 
     @property
     def checks(self) -> dict[str, bool]:
@@ -62,13 +70,18 @@ class ValidationReport:
     def to_dict(self) -> dict:
         return {"directory": self.directory, "video": self.video, "backend": self.backend, "runner": self.runner,
                 "precision": self.precision, "gates": self.gates.to_dict(), "metrics": self.metrics,
-                "checks": self.checks, "passed": self.passed, "seconds": self.seconds}
+                "checks": self.checks, "passed": self.passed, "seconds": self.seconds, **self._floor()}
+
+    def _floor(self) -> dict:
+        fixed = self.fixed_gates or self.gates
+        return {"fixed_gates": fixed.to_dict(), "noise_floor": self.noise_floor and self.noise_floor.to_dict(fixed)}
 
     def verdict(self, video_sha256: str) -> dict:
         """What the artifact records of this run (`aot_export.manifest.failed_gates` reads it back)."""
         return {"video": self.video, "video_sha256": video_sha256, "backend": self.backend,
                 "precision": self.precision, "gates": self.gates.to_dict(), "metrics": self.metrics,
-                "failed": [name for name, ok in self.checks.items() if not ok], "passed": self.passed}
+                "failed": [name for name, ok in self.checks.items() if not ok], "passed": self.passed,
+                **self._floor()}
 
     def table(self) -> str:
         m, checks = self.metrics, self.checks
@@ -78,16 +91,19 @@ class ValidationReport:
         rows = [(name, f"{m[name]:.8f}" if "cosine" in name else f"{m[name]:.6g}", gate[name],
                  ("ok" if checks[name] else "FAIL") if name in checks else "") for name in ROWS]
         head = f"{self.video} through {self.directory} ({self.precision}, {self.backend})"
-        return head + "\n" + format_table(rows, ("metric", "value", "gate", "")) + \
+        floor = f"\n{self.noise_floor.describe(self.fixed_gates or self.gates)}" if self.noise_floor else ""
+        return head + "\n" + format_table(rows, ("metric", "value", "gate", "")) + floor + \
             f"\n\n{'PASS' if self.passed else 'FAIL'}"
 
 
 def validate_export(directory: str | os.PathLike, video: str | os.PathLike, model: str | ModelAdapter | None = None,
                     device: str = "auto", progress: bool = True, backend: str | None = None,
-                    export: str | os.PathLike | None = None, *, verify_hashes: bool = True) -> ValidationReport:
+                    export: str | os.PathLike | None = None, noise_draws: int = NOISE_DRAWS, *,
+                    verify_hashes: bool = True) -> ValidationReport:
     """`directory` (export or engine dir; `export`: the export an engine dir is checked against) on `backend`
-    against the reference model (`model`, default: the one the manifest names); `verify_hashes`: the artifacts'
-    sha256 checked on load (sizes always)."""
+    against the reference model (`model`, default: the one the manifest names); `noise_draws`: runs of the
+    reference under sub-pixel input noise that ground a reduced precision's anchor gate (0: the fixed gate; fp32
+    has none); `verify_hashes`: the artifacts' sha256 checked on load (sizes always)."""
     artifact = resolve_artifact(directory, export, verify_hashes=verify_hashes)
     if artifact.manifest is None:
         read_manifest(directory, verify_hashes=verify_hashes)     # refuses it, saying what an export directory is
@@ -95,20 +111,29 @@ def validate_export(directory: str | os.PathLike, video: str | os.PathLike, mode
     verdict_file = check_verdict_destination(artifact)
     adapter = model_adapter(artifact, model)
     runner = open_runner(artifact, backend, device, adapter, verify_hashes=verify_hashes)   # refusals before decoding
-    stages = Stages(["decode + preprocess", "deployed", "reference", "compare"], progress)
+    precision = runner.settings.get("precision", manifest.precision)      # an engine's own precision
+    fixed_gates = VISION_GATES[precision]
+    draws = noise_draws if "anchor_agreement" in fixed_gates.floors else 0
+    stages = Stages(["decode + preprocess", "deployed", "reference", *(["noise floor"] if draws else []), "compare"],
+                    progress)
     with stages.step():
         pixels = preprocess_frames(decode_frames(video, manifest.video_frames), manifest.preprocessing)
     with stages.step(), runner:
         actual = runner.run(pixels)
-    with stages.step(), TorchReferenceRunner(adapter, manifest.aot) as reference_runner:
-        reference = reference_runner.run(pixels)
-    precision = runner.settings.get("precision", manifest.precision)      # an engine's own precision
-    gates = VISION_GATES[precision]
+    with TorchReferenceRunner(adapter, manifest.aot) as reference_runner:
+        with stages.step():
+            reference = reference_runner.run(pixels)
+        noise = None
+        if draws:
+            with stages.step():
+                noise = input_noise_floor(reference_runner, pixels, reference, manifest, draws)
+    gates = noise.gates(fixed_gates) if noise else fixed_gates
     with stages.step():
         metrics = compare_outputs(manifest.aot, reference, actual, gates)
     stages.close()
     report = ValidationReport(str(directory), Path(video).name, runner.name, precision, gates, metrics,
-                              stages.seconds, runner.settings, {"reference": reference, "export": actual})
+                              stages.seconds, runner.settings, {"reference": reference, "export": actual},
+                              fixed_gates, noise)
     # The reference run against itself (--backend torch) judges no artifact: nothing to record.
     if runner.backend != "torch":
         record = record_in_sidecar if verdict_file.name == SIDECAR else record_in_manifest

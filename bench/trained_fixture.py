@@ -254,7 +254,9 @@ def build(out: Path, wheels: Path) -> Path:
     vision = SiglipVisionConfig(hidden_size=384, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=6,
                                 image_size=GRID * 14, patch_size=14, hidden_act="gelu", layer_norm_eps=1e-6,
                                 vision_use_head=False)
-    config = LlavaOnevisionConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
+    # The GGUF reader leaves its quantization_config on the config; the weights are plain floats now.
+    text_config = {k: v for k, v in text.to_dict().items() if k != "quantization_config"}
+    config = LlavaOnevisionConfig(vision_config=vision.to_dict(), text_config=text_config,
                                   vision_feature_layer=-1, vision_feature_select_strategy="full",
                                   image_token_index=ids["<image>"], video_token_index=ids["<video>"],
                                   tie_word_embeddings=text.tie_word_embeddings)

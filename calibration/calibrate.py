@@ -4,7 +4,8 @@ vision encoder and projector of an fp32 export, calibrated on real video, with i
 What is quantized: `calibration.qdq_graph`; how: `calibration.ort_quantize`. Fidelity: the fp32 export and the
 quantized graph run on ONNX Runtime CPU (`aot_export.runners.OnnxRuntimeRunner`) on the same preprocessed frames
 of a held-out video, compared by `aot_export.fidelity.compare_outputs` and gated by
-`aot_export.fidelity.VISION_GATES` for the precision (the same gates `validate` applies).
+`aot_export.fidelity.VISION_GATES` for the precision (the same gates `validate` applies), the anchor floor lowered
+to the fp32 graph's own noise floor on the held-out video where that is lower (`input_noise_floor`).
 """
 
 from __future__ import annotations
@@ -14,14 +15,14 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import onnx
 
 from aot_export.artifacts import atomic_dir, check_destination, default_mode, sha256_file
 from aot_export.errors import InputError
-from aot_export.fidelity import VISION_GATES, Gates, compare_outputs, gate_checks
+from aot_export.fidelity import NOISE_DRAWS, VISION_GATES, Gates, NoiseFloor, compare_outputs, gate_checks
 from aot_export.manifest import GRAPH, MANIFEST, Manifest, hash_files, read_manifest
 from aot_export.preprocess import preprocess_frames
 from aot_export.progress import Stages
@@ -30,9 +31,10 @@ from aot_export.runners import OnnxRuntimeRunner
 from aot_export.video import decode_frames
 
 from .data import CalibrationData, expand_videos, manifest_calibration_data
-from .ort_quantize import QUANTIZATIONS, Precision, calibrate_ranges, ort_version, quantize_graph
-from .qdq_graph import OP_TYPES, QUANTIZED_SCOPES, graph_opset, plan_quantization, raise_opset_for_float8, \
-    untie_shared_weights
+from .ort_quantize import QUANTIZATIONS, Precision, calibrate_ranges, calibration_method, ort_version, \
+    quantize_graph
+from .qdq_graph import DEFAULT_FLOAT_LAYERS, OP_TYPES, QUANTIZED_SCOPES, graph_opset, plan_quantization, \
+    raise_opset_for_float8, untie_shared_weights
 
 STAGES = ["read export", "calibration data", "prepare graph", "calibrate", "quantize", "fidelity", "manifest"]
 
@@ -41,18 +43,22 @@ STAGES = ["read export", "calibration data", "prepare graph", "calibrate", "quan
 NOISE_STEP_FRACTION = 0.25
 
 
-def input_noise_floor(runner: OnnxRuntimeRunner, pixels: np.ndarray, reference: dict[str, np.ndarray],
-                      manifest: Manifest, seed: int = 0) -> dict[str, float]:
-    """How stable the fp32 export's own selection is: fp32 outputs on the same frames plus Gaussian noise of
-    σ = ¼ of one 8-bit pixel step after normalisation (far below what re-encoding a video does), compared with
-    `compare_outputs` (`runner`: the fp32 export's, active). A quantized graph cannot be expected to agree with
-    fp32 better than fp32 agrees with itself under such noise; a model whose attention scores are nearly flat (random weights) shows it here."""
+def input_noise_floor(runner: Any, pixels: np.ndarray, reference: dict[str, np.ndarray], manifest: Manifest,
+                      draws: int = NOISE_DRAWS, seed: int = 0) -> NoiseFloor:
+    """How stable the fp32 selection is on these frames: `draws` runs of `runner` (active; the fp32 export's, or
+    the PyTorch reference's) on them plus seeded Gaussian noise of σ = ¼ of one 8-bit pixel step after
+    normalisation (far below what re-encoding a video does), each compared with `reference` (its output on the
+    clean frames) by `compare_outputs`. A reduced-precision graph cannot be expected to agree with fp32 better than
+    fp32 agrees with itself under such noise (`NoiseFloor.gates`); a model whose attention scores are nearly flat
+    (random weights) shows it here."""
     prep = manifest.preprocessing
     sigma = NOISE_STEP_FRACTION * prep.rescale_factor / max(prep.std)
-    noisy = (pixels + np.random.default_rng(seed).normal(0.0, sigma, pixels.shape)).astype(np.float32)
-    metrics = compare_outputs(manifest.aot, reference, runner.run(noisy))
-    return {"noise_sigma": float(sigma), "noise_matched_cosine_min": metrics["matched_cosine_min"],
-            "noise_anchor_agreement": metrics["anchor_agreement"]}
+    rng = np.random.default_rng(seed)
+    figures = [compare_outputs(manifest.aot, reference,
+                               runner.run((pixels + rng.normal(0.0, sigma, pixels.shape)).astype(np.float32)))
+               for _ in range(draws)]
+    return NoiseFloor(float(sigma), tuple(m["anchor_agreement"] for m in figures),
+                      tuple(m["arithmetic_cosine_min"] for m in figures))
 
 
 # ---- the command ------------------------------------------------------------------------------------------------
@@ -69,6 +75,10 @@ class CalibrationReport:
     metrics: dict[str, float] = field(default_factory=dict)
     sizes: dict[str, int] = field(default_factory=dict)      # bytes: source graph + weights, quantized ones
     seconds: dict[str, float] = field(default_factory=dict)
+    # `gates` is what the run was held to: the precision's fixed gates (`fixed_gates`), the anchor floor lowered
+    # to the fp32 noise floor measured on the held-out video where that is lower (`noise_floor`; None: not measured).
+    fixed_gates: Gates | None = None
+    noise_floor: NoiseFloor | None = None
 
     @property
     def checks(self) -> dict[str, bool]:
@@ -83,25 +93,27 @@ class CalibrationReport:
                 "holdout": self.holdout, "calibration": self.calibration, "quantized_nodes": self.quantized_nodes,
                 "excluded_scopes": self.excluded_scopes, "gates": self.gates.to_dict(),
                 "metrics": self.metrics, "checks": self.checks, "passed": self.passed, "sizes": self.sizes,
-                "seconds": self.seconds}
+                "seconds": self.seconds, "fixed_gates": (self.fixed_gates or self.gates).to_dict(),
+                "noise_floor": self.noise_floor and self.noise_floor.to_dict(self.fixed_gates or self.gates)}
 
     def table(self) -> str:
 
         m, g, checks = self.metrics, self.gates, self.checks
-        verdict = {True: "ok", False: "FAIL"}
-        rows = [("token cosine min (matched)", f"{m['matched_cosine_min']:.6f}", g.describe("matched_cosine_min"),
-                 verdict[checks["matched_cosine_min"]]),
-                ("token cosine mean (matched)", f"{m['matched_cosine_mean']:.6f}", "", ""),
-                ("max abs error (matched)", m["matched_max_abs"], "", ""),
-                ("anchor agreement", f"{m['anchor_agreement']:.2%}", g.describe("anchor_agreement"),
-                 verdict[checks["anchor_agreement"]]),
-                ("cell agreement (keys matched)", f"{m['cell_agreement']:.2%}", "", ""),
-                ("index agreement (position)", f"{m['index_agreement']:.2%}", "", ""),
-                ("token cosine min (position)", f"{m['cosine_min']:.6f}", "", ""),
-                ("token cosine mean (position)", f"{m['cosine_mean']:.6f}", "", "")]
-        if "noise_anchor_agreement" in m:
-            rows.append(("fp32 vs fp32 + 1/4-step noise: anchor", f"{m['noise_anchor_agreement']:.2%}",
-                         "(reference)", ""))
+        verdict = {True: "ok", False: "FAIL", None: ""}
+        rows = [(label, value, g.describe(name), verdict[checks.get(name)]) for label, name, value in [
+                ("arithmetic: token cosine min (selections agree)", "arithmetic_cosine_min",
+                 f"{m['arithmetic_cosine_min']:.6f}"),
+                ("arithmetic: token cosine mean", "arithmetic_cosine_mean", f"{m['arithmetic_cosine_mean']:.6f}"),
+                ("arithmetic: share of tokens", "arithmetic_tokens", f"{m['arithmetic_tokens']:.2%}"),
+                ("selection: anchor agreement", "anchor_agreement", f"{m['anchor_agreement']:.2%}"),
+                ("selection: cell agreement (keys matched)", "cell_agreement", f"{m['cell_agreement']:.2%}"),
+                ("token cosine min (matched)", "matched_cosine_min", f"{m['matched_cosine_min']:.6f}"),
+                ("token cosine mean (matched)", "matched_cosine_mean", f"{m['matched_cosine_mean']:.6f}"),
+                ("max abs error (matched)", "matched_max_abs", f"{m['matched_max_abs']:.6g}"),
+                ("index agreement (position)", "index_agreement", f"{m['index_agreement']:.2%}"),
+                ("token cosine min (position)", "cosine_min", f"{m['cosine_min']:.6f}"),
+                ("token cosine mean (position)", "cosine_mean", f"{m['cosine_mean']:.6f}")]]
+        floor = [self.noise_floor.describe(self.fixed_gates or g)] if self.noise_floor else []
         videos = ", ".join(v["name"] for v in self.calibration["videos"])
         head = (f"{self.source} -> {self.directory} ({self.precision}, {self.quantized_nodes} nodes quantized; "
                 f"float: {', '.join(f'{k} {v}' for k, v in sorted(self.excluded_scopes.items()))})\n"
@@ -110,7 +122,7 @@ class CalibrationReport:
         sizes = (f"graph + weights: {self.sizes['source_bytes'] / 1e6:.1f} MB fp32 -> "
                  f"{self.sizes['quantized_bytes'] / 1e6:.1f} MB {self.precision}")
         timing = "time: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items())
-        return "\n".join([head, format_table(rows, ("metric", "value", "gate", "")), sizes, timing, "",
+        return "\n".join([head, format_table(rows, ("metric", "value", "gate", "")), *floor, sizes, timing, "",
                           "PASS" if self.passed else "FAIL"])
 
 
@@ -125,31 +137,39 @@ def _resolve_holdout(holdout: str | os.PathLike | None, calibration: Calibration
     return path
 
 
-def _source_checks(manifest: Manifest, directory: Path, precision: str) -> Precision:
+def _source_checks(manifest: Manifest, directory: Path, precision: str, method: str | None) -> tuple[Precision, str]:
     if precision not in QUANTIZATIONS:
         raise InputError(f"precision {precision!r} is not supported; choose one of {', '.join(QUANTIZATIONS)}")
+    try:
+        method = calibration_method(QUANTIZATIONS[precision], method)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
     if manifest.precision != "fp32":
         raise InputError(f"{directory} is a {manifest.precision} export; calibrate from the fp32 export "
                          "(`aot-export export` output), not from a quantized one")
     if len(manifest.inputs) != 1:
         raise InputError(f"{directory}: the graph has {len(manifest.inputs)} inputs, calibration feeds one "
                          "(frames); re-export with `aot-export export`")
-    return QUANTIZATIONS[precision]
+    return QUANTIZATIONS[precision], method
 
 
 def calibrate_export(directory: str | os.PathLike, videos: str | os.PathLike | Iterable[str | os.PathLike],
                      precision: str, out_dir: str | os.PathLike, holdout: str | os.PathLike | None = None,
                      clips_per_video: int = 4, seed: int = 0, progress: bool = True,
-                     weights_only: bool = True, noise_floor: bool = True, force: bool = False, *,
-                     verify_hashes: bool = True) -> CalibrationReport:
+                     weights_only: bool = True, noise_draws: int = NOISE_DRAWS, force: bool = False, *,
+                     verify_hashes: bool = True, float_layers: Sequence[str] | None = None,
+                     calibration_method: str | None = None) -> CalibrationReport:
     """Quantize the fp32 export in `directory` to `precision` ("int8" or "fp8") with ranges calibrated on
-    `videos` (files and/or directories; `clips_per_video` clips each, see calibration.data), write the Q/DQ
-    export to `out_dir` (atomically), and measure it against the fp32 export on `holdout` (a video not used
-    for calibration). `weights_only=False` also quantizes the tower's activation×activation
-    MatMuls (attention; measured far less accurate). `noise_floor` also measures the fp32 export against itself
-    under sub-pixel input noise (`input_noise_floor`), to tell quantization error from an ill-conditioned
-    selection. `verify_hashes`: the source export's sha256 checked against its manifest (sizes always). Refuses
-    bad input with InputError; a failed fidelity gate is `report.passed == False`
+    `videos` (files and/or directories; `clips_per_video` clips each, see calibration.data; ranges by ORT's
+    `calibration_method`, the precision's default if None), keeping float the nodes `float_layers` names
+    (`calibration.qdq_graph.kept_float`; None: `DEFAULT_FLOAT_LAYERS` — the score path, so the anchors are
+    chosen from fp32 scores, and the projector), write the Q/DQ export to `out_dir` (atomically), and measure it
+    against the fp32 export on `holdout` (a video not used for calibration). `weights_only=False` also quantizes
+    the tower's activation×activation MatMuls (attention; measured far less accurate). `noise_draws` (0: none) also measures the fp32 export
+    against itself under sub-pixel input noise that many times (`input_noise_floor`): the anchor gate is then the
+    fixed one or that floor's median where lower (`NoiseFloor.gates`). `verify_hashes`: the source export's
+    sha256 checked against its manifest (sizes always). Refuses bad input with InputError; a failed fidelity gate
+    is `report.passed == False`
     (the directory is still written, its manifest records the failed fidelity)."""
     from onnx.external_data_helper import load_external_data_for_model
 
@@ -157,14 +177,15 @@ def calibrate_export(directory: str | os.PathLike, videos: str | os.PathLike | I
     stages = Stages(STAGES, progress)
     with stages.step():
         manifest = read_manifest(directory, verify_hashes=verify_hashes)
-        spec = _source_checks(manifest, directory, precision)
+        spec, method = _source_checks(manifest, directory, precision, calibration_method)
+        float_layers = DEFAULT_FLOAT_LAYERS if float_layers is None else tuple(float_layers)
         paths = expand_videos(videos)
         check_destination(out_dir, "export", force, sum(manifest.sizes.values()), sources={"export": directory})
     with stages.step():
         data = manifest_calibration_data(paths, manifest, clips_per_video, seed)
         held = _resolve_holdout(holdout, data)
     input_name = manifest.inputs[0].name
-    gates = VISION_GATES[precision]
+    fixed_gates = VISION_GATES[precision]
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # Work files (a full-size graph is written twice more) go beside the output, not to a possibly small /tmp.
     with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.work.", dir=out_dir.parent) as tmp:
@@ -172,7 +193,8 @@ def calibrate_export(directory: str | os.PathLike, videos: str | os.PathLike | I
         with stages.step():
             model = onnx.load(str(directory / manifest.graph), load_external_data=False)
             load_external_data_for_model(model, str(directory))
-            plan = plan_quantization(model, weights_only)
+            plan = plan_quantization(model, weights_only, float_layers)
+            layers = plan.summary(model)
             untied = untie_shared_weights(model, plan.nodes)
             if spec.name == "fp8":
                 raise_opset_for_float8(model)
@@ -180,12 +202,12 @@ def calibrate_export(directory: str | os.PathLike, videos: str | os.PathLike | I
             onnx.save(model, str(prepared), save_as_external_data=True, location="prepared.onnx.data")
             del model
         with stages.step():
-            cache = calibrate_ranges(spec, prepared, work, plan, data, input_name)
+            cache = calibrate_ranges(spec, prepared, work, plan, data, input_name, method)
         with atomic_dir(out_dir, "export", force) as staging:
             graph = staging / GRAPH
             with stages.step():
                 try:
-                    rewired = quantize_graph(spec, prepared, graph, plan, cache)
+                    rewired = quantize_graph(spec, prepared, graph, plan, cache, method)
                 except (ValueError, NotImplementedError, TypeError) as exc:
                     raise InputError(f"ONNX Runtime cannot quantize this graph to {precision}: "
                                      f"{' '.join(str(exc).split())[:300]}; use another precision") from exc
@@ -196,17 +218,21 @@ def calibrate_export(directory: str | os.PathLike, videos: str | os.PathLike | I
                 cpu = ["CPUExecutionProvider"]
                 with OnnxRuntimeRunner(directory / manifest.graph, cpu, input_name=input_name) as fp32:
                     reference = fp32.run(pixels)
-                    if noise_floor:
-                        noise = input_noise_floor(fp32, pixels, reference, manifest, seed)
+                    noise = input_noise_floor(fp32, pixels, reference, manifest, noise_draws, seed) \
+                        if noise_draws else None
                 with OnnxRuntimeRunner(graph, cpu, input_name=input_name) as quantized_runner:
                     actual = quantized_runner.run(pixels)
-                metrics = {**compare_outputs(manifest.aot, reference, actual), **(noise if noise_floor else {})}
+                metrics = compare_outputs(manifest.aot, reference, actual)
+                gates = noise.gates(fixed_gates) if noise else fixed_gates
             with stages.step():
                 quantized = onnx.load(str(graph), load_external_data=False)
                 files = hash_files(staging, sorted(p.name for p in staging.iterdir() if p.is_file()))
                 provenance = {
                     **data.provenance(), "method": f"onnxruntime quantize_static QDQ {spec.quant_type}, "
-                    f"{spec.calibration} calibration, {spec.note}",
+                    f"{method} calibration, {spec.note}",
+                    "recipe": {"calibration_method": method, "scale_rule": spec.scale_rule,
+                               "float_layers": list(float_layers), "kept_float": plan.kept_float,
+                               "float_nodes": len(plan.float_nodes), "layers": layers},
                     "onnxruntime": ort_version(), "quantized_scopes": list(QUANTIZED_SCOPES),
                     "op_types": list(OP_TYPES), "weights_only": weights_only, "quantized_nodes": len(plan.nodes),
                     "excluded_scopes": plan.excluded_scopes, "untied_weights": len(untied),
@@ -214,7 +240,9 @@ def calibrate_export(directory: str | os.PathLike, videos: str | os.PathLike | I
                     "source": {"directory": str(directory), "precision": manifest.precision,
                                "manifest_sha256": sha256_file(directory / MANIFEST), "files": manifest.files},
                     "holdout": {"name": held.name, "sha256": sha256_file(held), "metrics": metrics,
-                                "gates": gates.to_dict(), "passed": all(gate_checks(metrics, gates).values())}}
+                                "gates": gates.to_dict(), "fixed_gates": fixed_gates.to_dict(),
+                                "noise_floor": noise and noise.to_dict(fixed_gates),
+                                "passed": all(gate_checks(metrics, gates).values())}}
                 new = dataclasses.replace(manifest, precision=precision, files=files, opset=graph_opset(quantized),
                                           extra={**manifest.extra, "calibration": provenance})
                 new.write(staging)
@@ -223,4 +251,5 @@ def calibrate_export(directory: str | os.PathLike, videos: str | os.PathLike | I
              "quantized_bytes": sum((out_dir / name).stat().st_size for name in files)}
     seconds = {**stages.seconds}
     return CalibrationReport(str(out_dir), str(directory), precision, held.name, data.provenance(), len(plan.nodes),
-                             plan.excluded_scopes, gates, metrics, sizes, seconds)
+                             {**plan.excluded_scopes, **plan.kept_float}, gates, metrics, sizes, seconds,
+                             fixed_gates, noise)

@@ -3,6 +3,13 @@
 The AOT block (`reducer`), the score layers (`scores`), every LayerNormalization and Softmax stay fp32: the anchor
 choice hangs on small score differences and the Sinkhorn on exp(−C/ε). The conversion is ONNX Runtime's maintained
 float16 converter (`onnxruntime.transformers.float16`), which inserts the Casts at the block boundaries.
+
+Measured on the trained fixture (docs/benchmarks.md, "FP16 on the trained fixture"): these islands are what the
+selection needs, no more. The fp16 scores alone keep every anchor on both shared videos (the score layers' own
+LayerNorm, q/k and softmax are recomputed in the fp32 `scores` scope from the residual stream); with the tower's
+LayerNorm and Softmax in fp16 too, the deep score's error grows ~1.5× and a keyframe cell flips on bikes.mp4. The
+one flip left (a distinct token of bigbuckbunny.mp4 frame 3, an inter-frame confidence tie 3e-5 apart) comes from
+the features and stays with the projector or the last block in fp32 as well, so neither is kept fp32.
 """
 
 from __future__ import annotations
@@ -10,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import onnx
 
@@ -38,10 +45,13 @@ def body_nodes(node: onnx.NodeProto) -> list[str]:
             for name in (inner.name, *body_nodes(inner))]
 
 
-def convert_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+def convert_fp16(model: onnx.ModelProto, fp32_ops: Iterable[str] = ()) -> onnx.ModelProto:
+    """`model` computing in fp16 but for `fp32_nodes`, and nodes of the op types `fp32_ops` (QuantizeLinear and
+    DequantizeLinear for the float part of a Q/DQ graph, whose value_info must then be inferred first)."""
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-    op_block_list, node_block_list = set(DEFAULT_OP_BLOCK_LIST) | set(FP32_OPS), fp32_nodes(model)
+    op_block_list = set(DEFAULT_OP_BLOCK_LIST) | set(FP32_OPS) | set(fp32_ops)
+    node_block_list = fp32_nodes(model)
     # The converter takes every float tensor in value_info for fp16: between two fp32 nodes it inserted a cast to
     # fp16 and back (3,442 of them in the 32-frame graph with the unrolled Sinkhorn), and a Scan body's reads of
     # the outer graph, which it does not see, got the fp16 copy. A tensor only fp32 nodes produce and read is left

@@ -206,17 +206,20 @@ def _validate(args: argparse.Namespace) -> int:
     if args.llm:
         report = validate_chain(args.dir, args.video, args.llm, prompt=args.prompt, tokens=args.tokens,
                                 model=args.model, device=args.device, progress=not args.quiet,
-                                backend=args.backend, export=args.export, verify_hashes=not args.skip_hash)
+                                backend=args.backend, export=args.export, noise_draws=args.noise_draws,
+                                verify_hashes=not args.skip_hash)
     else:
         report = validate_export(args.dir, args.video, model=args.model, device=args.device,
                                  progress=not args.quiet, backend=args.backend, export=args.export,
-                                 verify_hashes=not args.skip_hash)
+                                 noise_draws=args.noise_draws, verify_hashes=not args.skip_hash)
     print(report.table())
     write_json(args.json, report.to_dict())
     return EXIT_OK if report.passed else EXIT_FAILED
 
 
 def _add_validate(parser: argparse.ArgumentParser) -> None:
+    from runtime.device.decoder import LLM_CHOICES_HELP
+
     parser.add_argument("dir", help="export directory (with manifest.json) or engine directory (engine.json)")
     parser.add_argument("--video", required=True, help="video file to decode and run")
     parser.add_argument("--model", default=None, help="reference model, if not where the manifest says")
@@ -226,9 +229,10 @@ def _add_validate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="ONNX Runtime device (auto: CUDA when available)")
     parser.add_argument("--llm", default=None,
-                        help="also validate the LLM side: transformers, transformers-int8 or an ONNX LLM directory")
+                        help=f"also validate the LLM side: {LLM_CHOICES_HELP}")
     parser.add_argument("--prompt", default="What is happening in this video?", help="prompt for --llm")
     parser.add_argument("--tokens", type=positive_int, default=16, help="greedy tokens compared with --llm (16)")
+    _add_noise_draws(parser)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -241,13 +245,14 @@ def _run(args: argparse.Namespace) -> int:
         pipeline = _device_pipeline(args)
     else:
         _refuse_a_non_bundle_without_torch(args.model)
+        from runtime.device.decoder import DEFAULT_LLM
         from runtime.pipeline import Pipeline
 
         if args.expect_id:
             raise InputError(f"--expect-id pins a bundle; {args.model} is not one (no bundle.json): drop --expect-id "
                              "or pass the bundle's directory")
 
-        pipeline = Pipeline(args.model, backend=args.backend, llm=args.llm or "transformers-int8", device=args.device,
+        pipeline = Pipeline(args.model, backend=args.backend, llm=args.llm or DEFAULT_LLM, device=args.device,
                             reduce=not args.no_reduce, export=args.export, allow_failed=args.allow_failed,
                             verify_hashes=not args.skip_hash)
         if pipeline.warning:
@@ -277,6 +282,8 @@ def _refuse_a_non_bundle_without_torch(model: str) -> None:
 
 
 def _add_run(parser: argparse.ArgumentParser) -> None:
+    from runtime.device.decoder import DEFAULT_LLM, LLM_CHOICES_HELP
+
     parser.add_argument("--model", required=True,
                         help="engine directory, export directory, built-in model or checkpoint directory")
     parser.add_argument("--video", required=True, help="video file")
@@ -286,8 +293,7 @@ def _add_run(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--export", default=None,
                         help="the export an engine --model was built from, checked first (default: found beside it)")
     parser.add_argument("--llm", default=None,
-                        help="transformers, transformers-int8 (default) or an ONNX LLM directory (quantize-llm); "
-                             "a bundle carries its own")
+                        help=f"{LLM_CHOICES_HELP}; default {DEFAULT_LLM} (fp32); a bundle carries its own")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="ONNX Runtime device for the vision graph (auto: CUDA when available)")
     parser.add_argument("--no-reduce", action="store_true", help="all visual tokens, no AOT, for comparison")
@@ -533,8 +539,10 @@ def _quantize_llm(args: argparse.Namespace) -> int:
 
 def _add_quantize_llm(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="tiny-llava-ov", help="built-in model or checkpoint directory")
-    parser.add_argument("--precision", choices=("int4", "fp16", "fp32"), default="int4",
-                        help="weight precision of the ONNX LLM (int4)")
+    parser.add_argument("--precision", choices=("int4", "int8", "fp16", "fp32"), default="int4",
+                        help="weight precision of the ONNX LLM (int4): int4 / int8 weights in MatMulNBits blocks of 32 "
+                             "rows; int8 holds the int8 chain gates on the trained fixture, int4 its own "
+                             "(docs/benchmarks.md)")
     parser.add_argument("--ep", choices=("cpu", "cuda"), default="cpu", help="execution provider it is built for")
     parser.add_argument("--out", required=True, help="directory for the ONNX LLM (new, empty, or one with --force)")
     parser.add_argument("--force", action="store_true", help="replace an existing ONNX LLM at --out")
@@ -544,9 +552,10 @@ def _quantize_weights(args: argparse.Namespace) -> int:
     from calibration.weight_only import quantize_weights
 
     out = quantize_weights(args.dir, args.out, block_size=args.block_size, force=args.force,
-                           verify_hashes=not args.skip_hash)
+                           float_blocks=args.float_blocks, verify_hashes=not args.skip_hash)
     size, source_size = (sum(p.stat().st_size for p in Path(d).iterdir()) for d in (out, args.dir))
     print(format_table([("source", args.dir), ("weights", f"8-bit blocks of {args.block_size} rows (MatMulNBits)"),
+                        ("kept fp32", f"the tower's first {args.float_blocks} encoder block(s), scores, AOT"),
                         ("size", f"{source_size / 1e6:.1f} MB → {size / 1e6:.1f} MB"), ("written", str(out))],
                        ("quantize-weights", "")))
     write_json(args.json, {"directory": str(out), "bytes": size})
@@ -558,6 +567,9 @@ def _add_quantize_weights(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True,
                         help="the new export directory (new, empty, or an export with --force)")
     parser.add_argument("--block-size", type=int, default=32, help="input rows per fp32 scale (32)")
+    parser.add_argument("--float-blocks", type=non_negative_int, default=1,    # weight_only.FLOAT_BLOCKS
+                        help="the tower's first N encoder blocks keep fp32 weights (1: the block whose rounding "
+                             "moves the anchor scores most on a trained tower, docs/benchmarks.md)")
     parser.add_argument("--force", action="store_true", help="replace an existing export at --out")
 
 
@@ -566,13 +578,17 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     report = calibrate_export(args.dir, args.videos, args.precision, args.out, holdout=args.holdout,
                               clips_per_video=args.clips_per_video, seed=args.seed, progress=not args.quiet,
-                              force=args.force, verify_hashes=not args.skip_hash)
+                              noise_draws=args.noise_draws, force=args.force, verify_hashes=not args.skip_hash,
+                              float_layers=[] if args.float_layers == ["none"] else args.float_layers,
+                              calibration_method=args.calibration_method)
     print(report.table())
     write_json(args.json, report.to_dict())
     return EXIT_OK if report.passed else EXIT_FAILED
 
 
 def _add_calibrate(parser: argparse.ArgumentParser) -> None:
+    from calibration.ort_quantize import CALIBRATION_METHODS
+
     parser.add_argument("dir", help="fp32 export directory (with manifest.json)")
     parser.add_argument("--videos", nargs="+", required=True, help="calibration videos or directories of videos")
     parser.add_argument("--precision", choices=("int8", "fp8"), required=True, help="quantized precision")
@@ -584,6 +600,23 @@ def _add_calibrate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clips-per-video", type=positive_int, default=4,
                         help="calibration clips cut from each video (4)")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the clip sampling (0)")
+    parser.add_argument("--float-layers", nargs="+", default=None, metavar="RULE",
+                        help="quantizable layers kept float: 'score-path' (every layer the attention scores that "
+                             "choose the anchors depend on), globs over module paths ('*.fc2', "
+                             "'tower.encoder.layers.0.*'), or 'none' (default: score-path projector.*)")
+    parser.add_argument("--calibration-method", choices=[m.lower() for m in CALIBRATION_METHODS], default=None,
+                        help="ONNX Runtime calibrator for the activation ranges (default minmax; distribution: "
+                             "ORT's own std-based float8 scales, fp8 only)")
+    _add_noise_draws(parser)
+
+
+def _add_noise_draws(parser: argparse.ArgumentParser) -> None:
+    from aot_export.fidelity import NOISE_DRAWS
+
+    parser.add_argument("--noise-draws", type=non_negative_int, default=NOISE_DRAWS,
+                        help="runs of the fp32 selection under 1/4-pixel-step input noise on the video; the anchor "
+                             f"gate is the fixed one or their median, whichever is lower (0: fixed gate; "
+                             f"{NOISE_DRAWS})")
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -749,8 +782,8 @@ COMMANDS: dict[str, Command] = {
     "quantize-weights": Command("8-bit weight-only export for ONNX Runtime devices (MatMulNBits, no calibration)",
                                 _add_quantize_weights, _quantize_weights),
     "build": Command("build a TensorRT engine for a target from an export", _add_build, _build),
-    "quantize-llm": Command("build an int4 ONNX decoder of the checkpoint's LLM (onnxruntime-genai's builder, "
-                            "or torch.onnx + MatMulNBits where it lacks the family)",
+    "quantize-llm": Command("build an int4 (or int8) ONNX decoder of the checkpoint's LLM (onnxruntime-genai's "
+                            "builder, or torch.onnx + MatMulNBits where it lacks the family)",
                             _add_quantize_llm, _quantize_llm),
     "bench": Command("ratios side by side: AOT / encoder, ORT / eager, LLM prefill with / without AOT",
                      _add_bench, _bench),

@@ -1,6 +1,6 @@
 """An ONNX decoder for a text model onnxruntime-genai's builder does not take (Cosmos3-Edge): the Hugging Face text
-model with its KV cache through the dynamo exporter, its MatMul weights then 4-bit blocks (ONNX Runtime's
-`MatMulNBits`).
+model with its KV cache through the dynamo exporter, its MatMul weights then 4-bit (`int4`) or 8-bit (`int8`) blocks
+of 32 rows (ONNX Runtime's `MatMulNBits`; the weights are what is quantized).
 
 The graph is the one `runtime.device.decoder.OrtDecoder` runs for a genai-built decoder: `inputs_embeds [1, S, H]`,
 `attention_mask [1, total]`, `position_ids [3, 1, S]` (families with 3-D rotary positions; the others derive 1-D
@@ -43,9 +43,9 @@ from .device.decoder import GENAI_CONFIG
 
 GRAPH = "model.onnx"
 BUILDER = "runtime.decoder_export"
-PRECISIONS = ("int4", "fp32")
+PRECISIONS = ("int4", "int8", "fp32")
 EXECUTION_PROVIDERS = ("cpu",)
-INT4_BLOCK_SIZE = 32
+BLOCK_SIZE = 32                        # MatMulNBits: rows per scale, at 4 and at 8 bits
 # The name the attention function is registered under in transformers' AttentionInterface.
 ATTENTION = "onnx_group_query_attention"
 
@@ -281,11 +281,11 @@ def input_error_behind(exc: BaseException | None) -> InputError | None:
     return exc
 
 
-def int4_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
-    """Every MatMul with a constant weight (lm_head included) as symmetric 4-bit blocks of `INT4_BLOCK_SIZE` rows;
+def nbit_weights(model: onnx.ModelProto, bits: int = 4) -> tuple[onnx.ModelProto, int]:
+    """Every MatMul with a constant weight (lm_head included) as symmetric `bits`-bit blocks of `BLOCK_SIZE` rows;
     the graph and how many were quantized."""
     nodes = quantizable_nodes(model)
-    return quantize_graph(model, nodes, INT4_BLOCK_SIZE, bits=4), len(nodes)
+    return quantize_graph(model, nodes, BLOCK_SIZE, bits=bits), len(nodes)
 
 
 def without_trace_metadata(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -314,7 +314,7 @@ def genai_config(shape: DecoderShape, model_type: str, context_length: int) -> d
 
 def check_settings(precision: str, execution_provider: str) -> None:
     if precision not in PRECISIONS:
-        raise InputError(f"precision {precision!r}: the torch.onnx decoder export builds {' or '.join(PRECISIONS)}; "
+        raise InputError(f"precision {precision!r}: the torch.onnx decoder export builds {', '.join(PRECISIONS[:-1])} or {PRECISIONS[-1]}; "
                          "choose one of those")
     if execution_provider not in EXECUTION_PROVIDERS:
         raise InputError(f"--ep {execution_provider}: the torch.onnx decoder export builds for the CPU (its fp32 "
@@ -331,7 +331,8 @@ def export_decoder(adapter, staging: Path, work: Path, precision: str = "int4", 
     # A family that places video tokens by 3-D positions has a text model with 3-D rotary sections; the others'
     # positions are derived from the mask in the graph.
     shape = DecoderShape.of(stack, position_axes=adapter.position_axes)
-    stages = Stages(["export (torch.onnx)", *(["int4 weights (MatMulNBits)"] if precision == "int4" else []),
+    bits = {"int4": 4, "int8": 8}.get(precision)
+    stages = Stages(["export (torch.onnx)", *([f"{precision} weights (MatMulNBits)"] if bits else []),
                      "write"], show=progress)
     try:
         with stages.step():
@@ -341,10 +342,10 @@ def export_decoder(adapter, staging: Path, work: Path, precision: str = "int4", 
                 adapter.release_weights()
             model = onnx.load(str(work / GRAPH))
         details = {"attention": "com.microsoft.GroupQueryAttention"}
-        if precision == "int4":
+        if bits:
             with stages.step():
-                model, count = int4_weights(model)
-            details["weights"] = {"op": "com.microsoft.MatMulNBits", "bits": 4, "block_size": INT4_BLOCK_SIZE,
+                model, count = nbit_weights(model, bits)
+            details["weights"] = {"op": "com.microsoft.MatMulNBits", "bits": bits, "block_size": BLOCK_SIZE,
                                   "symmetric": True, "quantized_matmuls": count}
         with stages.step():
             save_graph(without_trace_metadata(model), staging / GRAPH)

@@ -1,11 +1,14 @@
 """LLM backends behind one interface: prefill `inputs_embeds`, then greedy decoding with a KV cache.
 
-- `TransformersDecoder`: the checkpoint's decoder in PyTorch, fp32 (the reference) or with int8 dynamic
-  quantization of every Linear (CPU).
-- `OnnxDecoder`: an int4 ONNX decoder built from the checkpoint's language model (`inputs_embeds` input) by
-  onnxruntime-genai's model builder, or, for a text model the builder lacks, by torch.onnx and ONNX Runtime's
-  MatMulNBits quantizer (runtime/decoder_export.py); run with plain onnxruntime and an explicit KV-cache loop — the
-  deployable edge path (onnxruntime on CPU here, onnxruntime-gpu on Jetson / datacenter).
+- `TransformersDecoder`: the checkpoint's decoder in PyTorch, fp32 (the reference, and `run`'s default LLM where
+  the artifact is not a bundle: `DEFAULT_LLM`) or with torch's dynamic int8 quantization of every Linear, lm_head
+  included (`transformers-int8`, CPU, an explicit choice only: on the trained Qwen2.5-0.5B its per-tensor int8
+  activations fail the int8 chain gates — first-token KL 1.7 against 0.05 — where the int8 ONNX LLM,
+  `quantize-llm --precision int8`, holds them at ~1e-3; docs/benchmarks.md).
+- `OnnxDecoder`: an int4 (or int8, fp16, fp32) ONNX decoder built from the checkpoint's language model
+  (`inputs_embeds` input) by onnxruntime-genai's model builder, or, for a text model the builder lacks, by
+  torch.onnx and ONNX Runtime's MatMulNBits quantizer (runtime/decoder_export.py); run with plain onnxruntime and an
+  explicit KV-cache loop — the deployable edge path (onnxruntime on CPU here, onnxruntime-gpu on Jetson / datacenter).
 
 `generate(..., forced=ids)` feeds the given tokens instead of its own choices (teacher forcing), so two backends
 can be compared step by step on the same continuation.
@@ -36,10 +39,10 @@ from aot_export.artifacts import atomic_dir, check_destination, reported_os_erro
 from aot_export.errors import InputError
 from aot_export.manifest import hash_files
 
-from .device.decoder import LLM_MANIFEST, Generation, OrtDecoder, greedy, read_llm_manifest
+from .device.decoder import DEFAULT_LLM, LLM_MANIFEST, Generation, OrtDecoder, greedy, read_llm_manifest
 
-__all__ = ["LLM_MANIFEST", "Generation", "OnnxDecoder", "TransformersDecoder", "build_onnx_decoder", "greedy",
-           "load_llm", "read_llm_manifest"]
+__all__ = ["DEFAULT_LLM", "LLM_MANIFEST", "ONNX_PRECISIONS", "Generation", "OnnxDecoder", "TransformersDecoder",
+           "build_onnx_decoder", "greedy", "load_llm", "read_llm_manifest"]
 
 
 @torch.inference_mode()
@@ -57,12 +60,16 @@ class TransformersDecoder:
     def __post_init__(self) -> None:
         decoder, lm_head = self.adapter.decoder()
         if self.int8:
-            # Dynamic int8: weights int8, activations quantized per batch at run time (CPU kernels). torch warns
-            # that its quantized tensor types will move to torchao; the kernels are today's.
+            # Dynamic int8: weights int8 per tensor, activations quantized per tensor per batch at run time (CPU
+            # kernels). quantize_dynamic swaps a module's Linear children, never the module itself: lm_head, a bare
+            # Linear, goes in a Sequential or it stays fp32 (as it did before: 27 % of a 0.5B model's weights).
+            # Measured on the trained Qwen2.5-0.5B (docs/benchmarks.md): the activations cost most (inputs of
+            # mlp.down_proj reach 500× their median channel), per-channel weights do not save it. torch warns that
+            # its quantized tensor types will move to torchao; the kernels are today's.
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
-                decoder, lm_head = (torch.ao.quantization.quantize_dynamic(copy.deepcopy(m), {nn.Linear},
-                                                                           dtype=torch.qint8)
+                decoder, lm_head = (torch.ao.quantization.quantize_dynamic(nn.Sequential(copy.deepcopy(m)),
+                                                                           {nn.Linear}, dtype=torch.qint8)[0]
                                     for m in (decoder, lm_head))
         self.decoder, self.lm_head = decoder.eval(), lm_head.eval()
         self.name = "transformers-int8" if self.int8 else "transformers-fp32"
@@ -144,6 +151,7 @@ def run_genai_builder(adapter, staging: Path, work: Path, precision: str, execut
         raise reported_os_error(str(exc), where) or exc
     if release_weights:
         adapter.release_weights()
+    drop_stale_gguf_config(Path(source))
     command = [sys.executable, "-m", GENAI_BUILDER, "-i", str(source), "-o", str(staging),
                "-p", precision, "-e", execution_provider, "-c", str(work / "cache"),
                "--extra_options", "exclude_embeds=true"]
@@ -159,6 +167,18 @@ def run_genai_builder(adapter, staging: Path, work: Path, precision: str, execut
 
 
 FAILURE_LINES = 10         # of a failed builder's output, shown before the error
+
+
+def drop_stale_gguf_config(checkpoint: Path) -> None:
+    """A model loaded from a GGUF file (`from_pretrained(gguf_file=...)`, dequantized) keeps a `quantization_config`
+    with `quant_method: gguf` in its config, which it carries into every checkpoint saved from it; the weights
+    written are plain floats, yet genai's builder refuses the checkpoint ("The gguf quantized model is not
+    currently supported"). Drop it from the LLM checkpoint written for the builder."""
+    path = checkpoint / "config.json"
+    config = json.loads(path.read_text())
+    if (config.get("quantization_config") or {}).get("quant_method") == "gguf":
+        del config["quantization_config"]
+        path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 @contextlib.contextmanager
@@ -237,6 +257,10 @@ def rotary_turns(adapter) -> list[list[float]] | None:
     return turns
 
 
+# Weight precisions of `quantize-llm`: int4 / int8 weights in MatMulNBits blocks of 32 rows.
+ONNX_PRECISIONS = ("int4", "int8", "fp16", "fp32")
+
+
 def build_onnx_decoder(adapter, out_dir: str | os.PathLike, precision: str = "int4",
                        execution_provider: str = "cpu", progress: bool = True, force: bool = False,
                        release_weights: bool = False, verbose: bool = False) -> Path:
@@ -248,11 +272,11 @@ def build_onnx_decoder(adapter, out_dir: str | os.PathLike, precision: str = "in
     are freed as soon as the route has what it needs of them — measured, `quantize-llm` of qwen2.5-vl-3b-random held
     15 GB beside the builder's own copy and did not fit in 24 GB. `verbose` (--debug): the genai builder's output
     as it prints it (otherwise only its last lines, if it fails)."""
-    if precision not in ("int4", "fp32", "fp16"):
-        raise InputError(f"precision {precision!r}: the ONNX LLM is built as int4, fp16 or fp32")
+    if precision not in ONNX_PRECISIONS:
+        raise InputError(f"precision {precision!r}: the ONNX LLM is built as {', '.join(ONNX_PRECISIONS)}")
     builder, build = decoder_builder(adapter, precision, execution_provider, verbose)
     out_dir = Path(out_dir)
-    bytes_per_weight = {"int4": 1, "fp16": 2, "fp32": 4}[precision]
+    bytes_per_weight = {"int4": 1, "int8": 1, "fp16": 2, "fp32": 4}[precision]
     weights = sum(p.numel() for p in adapter.decoder()[0].parameters())
     check_destination(out_dir, "llm", force, weights * bytes_per_weight)
     rotary = rotary_turns(adapter)                       # before the route may release the weights

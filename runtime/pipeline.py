@@ -19,7 +19,7 @@ from aot_export.prompt_assembly import full_index
 from aot_export.video import decode_frames
 
 from .device.pipeline import RunReport, with_ttft
-from .llm import load_llm
+from .llm import DEFAULT_LLM, load_llm
 from .prompt import assemble, check_request
 from .vision import model_adapter, open_runner, resolve_artifact
 
@@ -30,7 +30,7 @@ class Pipeline:
     """Holds an active vision runner: use it as a context manager (or call `close()`). `verify_hashes`: the
     artifacts' sha256 checked on load (sizes always)."""
 
-    def __init__(self, model: str, backend: str | None = None, llm: str = "transformers-int8", device: str = "auto",
+    def __init__(self, model: str, backend: str | None = None, llm: str = DEFAULT_LLM, device: str = "auto",
                  reduce: bool = True, adapter: Any = None, export: str | None = None, allow_failed: bool = False, *,
                  verify_hashes: bool = True):
         artifact = resolve_artifact(model, export, verify_hashes=verify_hashes)

@@ -37,7 +37,7 @@ def clips(tmp_path_factory):
 def int8(tiny_export, clips, tmp_path_factory):
     out = tmp_path_factory.mktemp("int8") / "tiny-int8"
     report = calibrate_export(tiny_export, [clips[0]], "int8", out, holdout=clips[1], clips_per_video=2, seed=3,
-                              progress=False)
+                              noise_draws=3, progress=False)
     return out, report
 
 
@@ -155,6 +155,92 @@ def test_shared_weight_and_activation_stay_float_for_float_nodes(tmp_path):
     assert [producers.get(i) for i in by_name["tower_mm"].input] == ["DequantizeLinear"] * 2
 
 
+def _layered_model():
+    """tower layer 0 and 1 MatMuls, a score MatMul reading layer 0's output, layer 1 after it, a projector."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.normal(size=(8, 8)).astype(np.float32) * (1 + 9 * (i == 1)), f"W{i}")
+               for i in range(3)]
+
+    def linear(name, x, y, w, path):
+        node = helper.make_node("MatMul", [x, w], [y], name=name)
+        node.metadata_props.add(key="pkg.torch.onnx.name_scopes",
+                                value=repr(["", path.split(".")[0], path, f"{name}_op"]))
+        return node
+
+    nodes = [linear("l0", "x", "h0", "W0", "tower.encoder.layers.0.mlp.fc1"),
+             linear("l1", "h0", "h1", "W1", "tower.encoder.layers.1.mlp.fc2"),
+             linear("p", "h1", "y", "W2", "projector.linear_1"),
+             _scoped(helper.make_node("MatMul", ["h0", "h0t"], ["s"], name="score_mm"), "scores.0"),
+             _scoped(helper.make_node("Transpose", ["h0"], ["h0t"], name="score_t"), "scores.0")]
+    graph = helper.make_graph(nodes, "layers", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8]),
+                               helper.make_tensor_value_info("s", TensorProto.FLOAT, [4, 4])], weights)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+
+
+def test_float_layers_rules():
+    """`score-path` keeps float what the score layers depend on; globs match module paths; the plan says how
+    much of each layer stays 8-bit."""
+    from calibration.qdq_graph import SCORE_PATH
+
+    model = _layered_model()
+    assert plan_quantization(model).nodes == ("l1",)             # default: the score path and the projector float
+    assert plan_quantization(model, float_layers=(SCORE_PATH,)).nodes == ("l1", "p")
+    plan = plan_quantization(model, float_layers=(SCORE_PATH, "*.fc2"))
+    assert plan.nodes == ("p",) and plan.float_nodes == ("l0", "l1")
+    assert plan.kept_float == {SCORE_PATH: 1, "*.fc2": 1} and plan.activations == ("h1",)
+    assert plan.summary(model) == {"tower.encoder.layers.0": {"candidates": 1, "quantized": 0},
+                                   "tower.encoder.layers.1": {"candidates": 1, "quantized": 0},
+                                   "projector.linear_1": {"candidates": 1, "quantized": 1}}
+    assert plan_quantization(model, float_layers=()).nodes == ("l0", "l1", "p")
+    with pytest.raises(InputError, match="nothing left to quantize"):
+        plan_quantization(model, float_layers=("*",))
+
+
+def test_float8_scales_are_amax_over_448(tmp_path):
+    """fp8 weights per output channel and activations per tensor: scale = amax / 448 (ORT's own float8 rule,
+    std-based, saturated everything beyond ~4.5 σ)."""
+    from calibration.data import CalibrationData
+    from calibration.ort_quantize import FLOAT8_MAX, QUANTIZATIONS as PRECISIONS, calibrate_ranges, quantize_graph
+
+    model = _layered_model()
+    plan = plan_quantization(model, float_layers=())
+    onnx.save(model, str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.onnx.data")
+    samples = [np.random.default_rng(i).normal(size=(4, 8)).astype(np.float32) for i in range(2)]
+    data = CalibrationData(samples, [], 4, 1, 0, None)
+    cache = calibrate_ranges(PRECISIONS["fp8"], tmp_path / "m.onnx", tmp_path, plan, data, "x")
+    quantize_graph(PRECISIONS["fp8"], tmp_path / "m.onnx", tmp_path / "q.onnx", plan, cache)
+    quantized = onnx.load(str(tmp_path / "q.onnx"))
+    inits = {i.name: numpy_helper.to_array(i) for i in quantized.graph.initializer}
+    producer = {o: n for n in quantized.graph.node for o in n.output}
+    matmul = next(n for n in quantized.graph.node if n.name == "l1")
+    w_scale = inits[producer[matmul.input[1]].input[1]]
+    np.testing.assert_allclose(w_scale, np.abs(numpy_helper.to_array(model.graph.initializer[1])).max(0) / FLOAT8_MAX,
+                               rtol=1e-6)
+    x_scale = inits[producer[next(n for n in quantized.graph.node if n.name == "l0").input[0]].input[1]]
+    np.testing.assert_allclose(x_scale, max(np.abs(s).max() for s in samples) / FLOAT8_MAX, rtol=1e-6)
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_trained_fixture_passes_the_fixed_8bit_gates(trained_export, shared_videos, precision, tmp_path):
+    """Issue #21: on a trained tower (DINOv2 ViT-S in SigLIP shape), with everything quantized, INT8 kept 81–85 %
+    of the anchors and FP8 (ORT's std-based scales) 51.5 %; the default recipe (score path and projector float, fp8
+    amax scales) passes the fixed gates — 98 % anchors, 0.995 arithmetic cosine — with the two shared
+    videos held out in turn (2 calibration clips, 8 frames; ~1.5 min per direction)."""
+    videos = {video.name: video for video in shared_videos}
+    pairs = [("bigbuckbunny.mp4", "bikes.mp4"), ("bikes.mp4", "bigbuckbunny.mp4")]
+    if not all(name in videos for pair in pairs for name in pair):
+        pytest.skip("needs bigbuckbunny.mp4 and bikes.mp4 in the shared videos")
+    for calibration, holdout in pairs:
+        report = calibrate_export(trained_export, [videos[calibration]], precision, tmp_path / calibration,
+                                  holdout=videos[holdout], clips_per_video=2, noise_draws=0, progress=False)
+        assert report.passed, report.table()
+        assert report.metrics["matched_cosine_min"] >= 0.995, report.table()
+
+
 def test_calibrated_export_directory(int8, tiny_export, clips):
     out, report = int8
     source = read_manifest(tiny_export)
@@ -194,22 +280,32 @@ def test_check_passes_on_the_int8_export(int8):
 
 # ---- fidelity -----------------------------------------------------------------------------------------------------
 def test_fidelity_is_measured(int8):
-    _, report = int8
+    out, report = int8
     m = report.metrics
     assert report.holdout == "holdout.mp4" and m["tokens"] == CFG.output_tokens
-    assert report.gates == VISION_GATES["int8"]
     # int8 of the tower measured 0.998 mean cosine on the tokens both graphs kept; a broken scale would not.
     assert 0.99 <= m["matched_cosine_mean"] <= 1.0 and 0.9 <= m["matched_cosine_min"] <= m["matched_cosine_mean"]
+    assert m["matched_cosine_min"] <= m["arithmetic_cosine_min"] and 0 < m["arithmetic_tokens"] <= 1
     assert 0.0 < m["matched_max_abs"] < 0.1 and m["max_abs"] > 0.0
-    assert report.checks["matched_cosine_min"], report.table()
+    assert report.checks["arithmetic_cosine_min"], report.table()
+    # The anchor gate on this video: the fixed one or the median of the fp32 noise draws, whichever is lower.
+    noise, fixed = report.noise_floor, VISION_GATES["int8"]
+    assert report.fixed_gates == fixed and len(noise.anchor_agreement) == 3
+    assert report.gates.floors["anchor_agreement"] == min(fixed.floors["anchor_agreement"],
+                                                          float(np.median(noise.anchor_agreement)))
+    recorded = read_manifest(out).extra["calibration"]["holdout"]
+    assert recorded["noise_floor"]["anchor_agreement"] == list(noise.anchor_agreement)
+    assert recorded["noise_floor"]["effective_gate"] == recorded["gates"]["floors"]["anchor_agreement"]
+    assert recorded["fixed_gates"] == fixed.to_dict() and "noise floor" in report.table()
     assert json.loads(json.dumps(report.to_dict()))["precision"] == "int8"
 
 
-@pytest.mark.xfail(strict=True, reason="measured: the tiny model's (random weights) int8 export agrees on 83.75 % of "
-                                       "the fp32 anchors on the synthetic held-out clip (gate 98 %); fp32 itself "
-                                       "agrees on only 95.00 % under 1/4-step input noise: near-tied scores")
 def test_int8_export_passes_its_gates(int8):
-    _, report = int8
+    """With every layer quantized the tiny model's int8 export agreed on 83.75 % of the fp32 anchors (its random
+    weights leave near-tied scores); the default recipe keeps the score path and the projector float (issue #21),
+    so the scores that choose the anchors are fp32's."""
+    out, report = int8
+    assert read_manifest(out).extra["calibration"]["recipe"]["float_layers"] == ["score-path", "projector.*"]
     assert report.checks["anchor_agreement"], report.table()
     assert report.passed and report.table().splitlines()[-1] == "PASS"
 
@@ -254,11 +350,58 @@ def test_fidelity_metric_definitions():
     assert metrics["cell_agreement"] == pytest.approx(1 - 1 / cfg.output_tokens)
 
 
+def test_arithmetic_is_gated_apart_from_selection():
+    """One flipped cell changes what merges into its frame's and its clip's anchors: the matched cosine shows that
+    as an arithmetic error, the arithmetic figure leaves out every token whose selections did not all agree."""
+    cfg = CFG
+    ref = _outputs(cfg)
+    A, K, per_clip = cfg.pooled_anchors, cfg.keep, 2 * cfg.pooled_anchors + (cfg.clip_len - 1) * cfg.keep
+    rng = np.random.default_rng(5)
+    actual = {"tokens": ref["tokens"] + 1e-4 * rng.normal(size=ref["tokens"].shape).astype(np.float32),
+              "index": ref["index"].copy()}
+    # clip 0, frame 1: one distinct cell flips to a cell not kept; what it fed moves (the clip's anchors, the
+    # frame's own tokens through its anchor transport)
+    old = {tuple(map(int, r[1:])) for r in ref["index"][A:A + K]}
+    actual["index"][A + K - 1, 1:] = next((r, c) for r in range(cfg.pooled_grid) for c in range(cfg.pooled_grid)
+                                          if (r, c) not in old)
+    moved = np.r_[A:A + K, per_clip - A:per_clip]                 # frame 1's distinct tokens, clip 0's anchors
+    actual["tokens"][moved] = rng.normal(size=(len(moved), ref["tokens"].shape[1]))
+    m = compare_outputs(cfg, ref, actual)
+    assert m["anchor_agreement"] < 1.0 and m["matched_cosine_min"] < 0.9
+    assert m["arithmetic_cosine_min"] > 0.9999
+    assert m["arithmetic_tokens"] == pytest.approx(1 - len(moved) / cfg.output_tokens)
+    # a token whose selections all agree is held to its arithmetic: clip 1's anchors moved alone fail it
+    actual["tokens"][2 * per_clip - 1] = -ref["tokens"][2 * per_clip - 1]
+    assert compare_outputs(cfg, ref, actual)["arithmetic_cosine_min"] < 0
+    # a flipped keyframe cell takes the keyframe and the clip's anchors out, not the later frames' distinct tokens
+    keyframe = {tuple(map(int, r[1:])) for r in ref["index"][:A]}
+    flipped = ref["index"].copy()
+    flipped[0, 1:] = next((r, c) for r in range(cfg.pooled_grid) for c in range(cfg.pooled_grid)
+                          if (r, c) not in keyframe)
+    key = compare_outputs(cfg, ref, {"tokens": ref["tokens"], "index": flipped})
+    assert key["anchor_agreement_keyframe"] < 1.0 and key["anchor_agreement_distinct"] == 1.0
+    assert key["arithmetic_tokens"] == pytest.approx(1 - 2 * A / cfg.output_tokens)
+
+
+def test_noise_floor_gate_is_the_lower_of_fixed_and_median():
+    from aot_export.fidelity import NoiseFloor
+
+    fixed = VISION_GATES["int8"]
+    low = NoiseFloor(0.004, (0.95, 0.93, 0.97, 0.99))               # median 0.96 < 0.98: the floor decides
+    assert low.gates(fixed).floors == {**fixed.floors, "anchor_agreement": pytest.approx(0.96)}
+    high = NoiseFloor(0.004, (1.0, 0.99, 1.0))                      # median 1.0: never stronger than the fixed gate
+    assert high.gates(fixed) == fixed and NoiseFloor(0.004, ()).gates(fixed) == fixed
+    assert low.gates(VISION_GATES["fp32"]) == VISION_GATES["fp32"]  # fp32 has no anchor floor to lower
+    record = low.to_dict(fixed)
+    assert (record["fixed_gate"], record["effective_gate"], record["draws"]) == (0.98, pytest.approx(0.96), 4)
+    assert record["statistic"] == "median" and record["anchor_agreement"] == [0.95, 0.93, 0.97, 0.99]
+
+
 # ---- fp8 ----------------------------------------------------------------------------------------------------------
 def test_fp8_export(tiny_export, clips, tmp_path):
     out = tmp_path / "tiny-fp8"
     report = calibrate_export(tiny_export, [clips[0]], "fp8", out, holdout=clips[1], clips_per_video=1,
-                              progress=False, noise_floor=False)
+                              progress=False, noise_draws=0)
     manifest = read_manifest(out)
     model = onnx.load(str(out / GRAPH), load_external_data=False)
     inits = {i.name: i for i in model.graph.initializer}
@@ -275,12 +418,12 @@ def test_fp8_export(tiny_export, clips, tmp_path):
 # ---- real footage ---------------------------------------------------------------------------------------------------
 def test_real_footage(tiny_export, shared_videos, tmp_path):
     """Calibrate on one shared video, hold out another. The tiny model's random weights make its attention scores
-    nearly flat: its own fp32 selection moves under ¼-pixel-step noise (measured 94 % anchor agreement), so the
-    98 % anchor gate is not asserted here; the token cosine on matched cells is."""
+    nearly flat: its own fp32 selection moves under ¼-pixel-step noise (measured 93–97 % anchor agreement over 12
+    draws on bikes), so the anchor gate is not asserted here; the token cosine on matched cells is."""
     if len(shared_videos) < 2:
         pytest.skip("needs two shared videos")
     report = calibrate_export(tiny_export, [shared_videos[0]], "int8", tmp_path / "int8", holdout=shared_videos[1],
-                              clips_per_video=2, progress=False)
+                              clips_per_video=2, noise_draws=1, progress=False)
     assert report.holdout == shared_videos[1].name
     m = report.metrics
     assert m["matched_cosine_mean"] >= 0.995 and m["matched_cosine_min"] >= 0.98, report.table()
@@ -372,6 +515,16 @@ def test_weight_only_quantizes_tower_and_projector_only(tiny_export, weights8):
     kept = [n.name for n in source.graph.node
             if n.op_type == "MatMul" and n.input[1] in weights and node_scope(n) in FP32_SCOPES]
     assert kept and set(kept) <= {n.name for n in model.graph.node if n.op_type == "MatMul"}
+    # the tower's first encoder block keeps fp32 weights (weight_only.FLOAT_BLOCKS), every later block is 8-bit
+    from calibration.weight_only import tower_block
+
+    blocks = {n.name: tower_block(n) for n in source.graph.node}
+    first = [name for name in blocks if blocks[name] == 0 and name not in kept
+             and any(n.name == name and n.op_type == "MatMul" and n.input[1] in weights for n in source.graph.node)]
+    assert first and set(first) <= {n.name for n in model.graph.node if n.op_type == "MatMul"}
+    assert {blocks[name] for name in quantized} - {None} == set(range(1, max(filter(None.__ne__, blocks.values())) + 1))
+    info = manifest.extra["weight_only"]
+    assert info["float_blocks"] == 1 and info["float_block_matmuls"] == len(first)
     # another account can read what it can see (ONNX writes external data 0600)
     assert all(p.stat().st_mode & 0o044 == 0o044 for p in weights8.iterdir())
 
@@ -382,10 +535,29 @@ def test_weight_only_output_against_the_reference(tiny, weights8, shared_videos)
     docs/benchmarks.md.)"""
     from runtime.validate import validate_export
 
-    report = validate_export(weights8, shared_videos[0], progress=False)
-    assert report.precision == "int8-weights" and report.gates == VISION_GATES["int8-weights"]
-    assert report.metrics["matched_cosine_min"] >= VISION_GATES["int8-weights"].floors["matched_cosine_min"]
+    report = validate_export(weights8, shared_videos[0], progress=False, noise_draws=1)
+    fixed = VISION_GATES["int8-weights"]
+    assert report.precision == "int8-weights" and report.fixed_gates == fixed
+    assert report.metrics["arithmetic_cosine_min"] >= fixed.floors["arithmetic_cosine_min"]
+    # the anchor gate on this video is grounded in the reference's own noise floor, recorded with the verdict
+    assert report.gates == report.noise_floor.gates(fixed) and len(report.noise_floor.anchor_agreement) == 1
+    recorded = read_manifest(weights8).extra["validation"]
+    assert recorded["noise_floor"]["effective_gate"] == report.gates.floors["anchor_agreement"]
     assert report.metrics["cell_agreement"] > 0.8
+
+
+@pytest.mark.heavy
+def test_weight_only_holds_its_gates_on_the_trained_fixture(trained_export, shared_videos, tmp_path):
+    """Issue #21: with the tower's first block fp32 (weight_only.FLOAT_BLOCKS) the 8-bit weights keep the anchors
+    within the gate grounded in each video's fp32 noise floor, and the arithmetic within 0.995, on both videos
+    (docs/benchmarks.md, "Weight-only 8-bit on the trained fixture")."""
+    from calibration.weight_only import quantize_weights
+    from runtime.validate import validate_export
+
+    w8 = quantize_weights(trained_export, tmp_path / "w8")
+    for video in shared_videos:
+        report = validate_export(w8, video, progress=False)
+        assert report.passed, report.table()
 
 
 @pytest.mark.parametrize("args, words", [

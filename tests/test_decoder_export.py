@@ -122,7 +122,7 @@ def test_any_family_text_model_exports(model, tmp_path):
     assert max_logit_difference(adapter, directory, tokens=3) < 1e-4
 
 
-@pytest.mark.parametrize("precision, ep, message", [("fp16", "cpu", "int4 or fp32"), ("int4", "cuda", "--ep cpu")])
+@pytest.mark.parametrize("precision, ep, message", [("fp16", "cpu", "int4, int8 or fp32"), ("int4", "cuda", "--ep cpu")])
 def test_unsupported_settings_are_refused_before_any_work(cosmos, tmp_path, precision, ep, message):
     with pytest.raises(InputError, match=message):
         build_onnx_decoder(cosmos, tmp_path / "llm", precision=precision, execution_provider=ep, progress=False)

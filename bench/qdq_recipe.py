@@ -6,12 +6,18 @@ alone across all layers (q/k/v, out_proj, fc1, fc2), then everything quantized, 
 held-out video against the fp32 export: anchor agreement, matched token cosine min, and how far the two attention
 scores that choose the anchors moved (relative L2 of the score layers' ReduceMean outputs, top-126 overlap per
 frame). `timing`: alternating rounds of ONNX Runtime CPU runs of the given exports on one held-out clip.
+`debug`: ONNX Runtime's QDQ debugging tools (`onnxruntime.quantization.qdq_loss_debug`) on a Q/DQ export (e.g.
+`--float-layers none`) against its fp32 export on the held-out clip: per module group, the signal-to-quantization-noise
+ratio (dB) that the Q/DQ pairs of its activations add there (`qdq`), of its activations against the fp32 graph's
+(`xmodel`: the error accumulated up to that point), and of its weights; then the two score layers' outputs and
+the graph's tokens against fp32.
 `float16`: each Q/DQ export with its float part in fp16 (the fp16 converter of `engines.precision`, Q/DQ, LayerNorm,
 Softmax, the score layers and the AOT block fp32: what a strongly typed engine would run for speed), measured against
 the fp32 export on the held-out video beside the Q/DQ export as calibrated.
 
     python bench/qdq_recipe.py sensitivity build/trained/export8 --calibrate VIDEO --holdout VIDEO [--precision int8]
     python bench/qdq_recipe.py timing build/trained/export8 /tmp/q/int8-bbb /tmp/q/int8-all [--rounds 3]
+    python bench/qdq_recipe.py debug build/trained/export8 /tmp/q/int8-all --holdout VIDEO
     python bench/qdq_recipe.py float16 build/trained/export8 /tmp/q/int8-bbb /tmp/q/fp8-bbb --holdout VIDEO
 """
 
@@ -131,6 +137,62 @@ def timing(args: argparse.Namespace) -> None:
               + f"  median {np.median(times[path]):.2f} s")
 
 
+def snr_db(reference: np.ndarray, actual: np.ndarray) -> float:
+    reference, actual = np.asarray(reference, np.float64), np.asarray(actual, np.float64)
+    return float(10 * np.log10(np.sum(reference ** 2) / max(np.sum((reference - actual) ** 2), 1e-30)))
+
+
+def debug(args: argparse.Namespace) -> None:
+    from onnxruntime.quantization import qdq_loss_debug as qdq_debug
+
+    source, quantized = Path(args.export), Path(args.quantized)
+    manifest = read_manifest(source, verify_hashes=False)
+    pixels = preprocess_frames(decode_frames(Path(args.holdout), manifest.aot.frames), manifest.preprocessing)
+    model = onnx.load(str(quantized / manifest.graph), load_external_data=False)
+    producer = {out: node for node in model.graph.node for out in node.output}
+    readers = {value: node for node in model.graph.node for value in node.input}
+    scores = score_tensors(source / manifest.graph)
+    # Only what is compared is fetched (ORT's `modify_model_output_intermediate_tensors` saves every output of the
+    # chosen op types: 14–21 GB for an 8-frame graph): the quantized activations before and after their Q/DQ pair,
+    # and the score layers' outputs; ORT's tools then match and compare them.
+    quantized_inputs = tuple(q.input[0] for q in model.graph.node if q.op_type == "QuantizeLinear"
+                             and q.input[0] in producer)
+    float_names = (*quantized_inputs, *scores)
+    qdq_names = (*float_names, *(f"{name}_DequantizeLinear_Output" for name in quantized_inputs))
+    activations = {label: {name: [value] for name, value in run(path, pixels, names).items()}
+                   for label, path, names in (("float", source, float_names), ("qdq", quantized, qdq_names))}
+    activations["qdq"] = {name: activations["qdq"][name] for name in qdq_names}
+    activations["float"] = {name: activations["float"][name] for name in float_names}
+    errors = qdq_debug.compute_activation_error(qdq_debug.create_activation_matching(activations["qdq"],
+                                                                                     activations["float"]))
+    weights = qdq_debug.compute_weight_error(qdq_debug.create_weight_matching(str(source / manifest.graph),
+                                                                              str(quantized / manifest.graph)))
+    # an activation or a weight belongs to the module group of the node that reads its DequantizeLinear output;
+    # each group's figure is its worst tensor's, named by the module that reads it
+    rows: dict[str, dict[str, tuple[float, str]]] = {}
+
+    def record(reader: onnx.NodeProto, key: str, snr: float) -> None:
+        group = rows.setdefault(module_group(reader), {})
+        if key not in group or snr < group[key][0]:
+            group[key] = (snr, module_path(reader).rsplit(".", 1)[-1])
+
+    for tensor, error in errors.items():
+        reader = readers.get(f"{tensor}_DequantizeLinear_Output")
+        if reader is not None and "qdq_err" in error:
+            record(reader, "qdq", error["qdq_err"])
+            record(reader, "xmodel", error["xmodel_err"])
+    dequantized = {node.input[0]: node.output[0] for node in model.graph.node if node.op_type == "DequantizeLinear"}
+    for weight, error in weights.items():
+        reader = readers.get(dequantized.get(f"{weight}_quantized", ""))
+        if reader is not None:
+            record(reader, "weight", error)
+    for group in sorted(rows, key=lambda g: (g.split(".")[0] != "tower", len(g), g)):
+        print(json.dumps({"group": group, **{f"{key}_snr_db_min": [round(snr, 1), where]
+                                             for key, (snr, where) in rows[group].items()}}), flush=True)
+    print(json.dumps({"score_layers_snr_db": [round(snr_db(activations["float"][s][0], activations["qdq"][s][0]), 1)
+                                              for s in scores]}), flush=True)
+
+
 def float16(args: argparse.Namespace) -> None:
     source = Path(args.export)
     manifest = read_manifest(source, verify_hashes=False)
@@ -166,12 +228,16 @@ def main() -> None:
     tim = sub.add_parser("timing")
     tim.add_argument("exports", nargs="+")
     tim.add_argument("--rounds", type=int, default=3)
+    dbg = sub.add_parser("debug")
+    dbg.add_argument("export", help="the fp32 export the Q/DQ export was calibrated from")
+    dbg.add_argument("quantized", help="a Q/DQ export (`aot-export calibrate`)")
+    dbg.add_argument("--holdout", required=True)
     half = sub.add_parser("float16")
     half.add_argument("export", help="the fp32 export the Q/DQ exports were calibrated from")
     half.add_argument("quantized", nargs="+", help="Q/DQ exports (`aot-export calibrate`)")
     half.add_argument("--holdout", required=True)
     args = parser.parse_args()
-    {"sensitivity": sensitivity, "timing": timing, "float16": float16}[args.command](args)
+    {"sensitivity": sensitivity, "timing": timing, "debug": debug, "float16": float16}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -224,11 +224,16 @@ def test_static_tracks_reference_on_real_footage(shared_videos):
 def test_reference_solver_reproduces_the_authors_stopping_on_real_footage(shared_videos):
     """With the cell, distinct-token and anchor-count rules set to the static ones, the only rule left is the
     stopping: the fp32 unrolled solver must give the float64 loop's output, position by position (measured: max
-    relative error 8e-6; the fixed solver's is 0.36 on bigbuckbunny, 0.83 on bikes)."""
+    relative error 8e-6; the fixed solver's is 0.36 on bigbuckbunny, 0.83 on bikes).
+
+    alpha = 0: the hard nearest-anchor share (`intra_frame_transport`, alpha > 0) is the same code on both sides
+    and an argmax over cosines, which on bikes.mp4 has a pruned token whose two nearest anchors are 1.7e-8 apart —
+    below fp32's resolution, so fp32 and float64 may pick either anchor (measured on an AVX-512 machine: 4 tokens
+    of 20 frames assigned otherwise, 4.6e-4 relative error on 12 output tokens). That is no part of the stopping."""
     from runtime.patch_features import patch_features
     from aot_export.video import decode_frames
 
-    cfg = AOTConfig(sinkhorn="reference")
+    cfg = AOTConfig(sinkhorn="reference", alpha=0.0)
     for video in shared_videos:
         inputs = patch_features(decode_frames(video, cfg.frames, size=384), cfg.grid, 14, 896)
         with torch.inference_mode():

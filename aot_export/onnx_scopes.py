@@ -14,17 +14,30 @@ ENCODER_SCOPES = ("tower", "projector")
 FP32_SCOPES = ("scores", "reducer")
 
 
-def submodule(node: onnx.NodeProto) -> str | None:
-    """The top-level submodule `node` was traced in, as named ('tower', 'projector', 'scores.0', 'reducer');
-    None for a node of the module itself or one without the metadata (e.g. inserted by a tool)."""
+def name_scopes(node: onnx.NodeProto) -> tuple[str, ...]:
+    """The module names the dynamo exporter recorded for `node`, outermost first ('', 'tower', 'tower.encoder',
+    …, 'tower.encoder.layers.0.mlp.fc2', then the op's own); () for a node without the metadata."""
     for prop in node.metadata_props:
         if prop.key == NAME_SCOPES:
             try:
                 scopes = ast.literal_eval(prop.value)
             except (ValueError, SyntaxError):
-                return None
-            return str(scopes[1]) if isinstance(scopes, (list, tuple)) and len(scopes) > 2 else None
-    return None
+                return ()
+            return tuple(map(str, scopes)) if isinstance(scopes, (list, tuple)) else ()
+    return ()
+
+
+def submodule(node: onnx.NodeProto) -> str | None:
+    """The top-level submodule `node` was traced in, as named ('tower', 'projector', 'scores.0', 'reducer');
+    None for a node of the module itself or one without the metadata (e.g. inserted by a tool)."""
+    scopes = name_scopes(node)
+    return scopes[1] if len(scopes) > 2 else None
+
+
+def module_path(node: onnx.NodeProto) -> str:
+    """The innermost module `node` was traced in ('tower.encoder.layers.0.mlp.fc2'); '' where there is none."""
+    scopes = name_scopes(node)
+    return scopes[-2] if len(scopes) > 2 else ""
 
 
 def node_scope(node: onnx.NodeProto) -> str:

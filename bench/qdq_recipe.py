@@ -37,10 +37,10 @@ import onnxruntime as ort
 from aot_export.fidelity import compare_outputs
 from aot_export.manifest import read_manifest
 from aot_export.preprocess import preprocess_frames
+from aot_export.onnx_scopes import module_path, submodule
 from aot_export.video import decode_frames
 from calibration import calibrate_export
-from calibration.qdq_graph import SCORE_SCOPE, module_group, module_path, plan_quantization
-from aot_export.onnx_scopes import submodule
+from calibration.qdq_graph import SCORE_SCOPE, module_group, plan_quantization
 from engines.precision import convert_fp16
 
 KINDS = {"qkv": ("*.q_proj", "*.k_proj", "*.v_proj"), "out_proj": ("*.out_proj",), "fc1": ("*.fc1",),

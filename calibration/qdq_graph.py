@@ -23,7 +23,6 @@ path moved the scores 1.5–8 % (relative L2; fp32 under ¼-step pixel noise: 0.
 
 from __future__ import annotations
 
-import ast
 import fnmatch
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
@@ -31,7 +30,7 @@ from typing import Iterable, Sequence
 import onnx
 
 from aot_export.errors import InputError
-from aot_export.onnx_scopes import ENCODER_SCOPES, NAME_SCOPES, submodule
+from aot_export.onnx_scopes import ENCODER_SCOPES, NAME_SCOPES, module_path, submodule
 
 QUANTIZED_SCOPES = ENCODER_SCOPES
 OP_TYPES = ("Conv", "MatMul", "Gemm")
@@ -61,18 +60,6 @@ class QuantPlan:
                 group["candidates"] += 1
                 group["quantized"] += node.name in quantized
         return groups
-
-
-def module_path(node: onnx.NodeProto) -> str:
-    """The module a node was traced in, from its name scopes ('tower.encoder.layers.0.mlp.fc2'); '' if none."""
-    for prop in node.metadata_props:
-        if prop.key == NAME_SCOPES:
-            try:
-                scopes = ast.literal_eval(prop.value)
-            except (ValueError, SyntaxError):
-                return ""
-            return str(scopes[-2]) if isinstance(scopes, (list, tuple)) and len(scopes) > 2 else ""
-    return ""
 
 
 def module_group(node: onnx.NodeProto) -> str:

@@ -18,7 +18,6 @@ anchor agreement from 98.4 % / 97.4 % to 98.0 % / 99.0 % (bikes / bigbuckbunny) 
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import logging
 import os
@@ -30,7 +29,7 @@ from aot_export.artifacts import atomic_dir, check_destination
 from aot_export.errors import InputError
 from aot_export.manifest import hash_files, read_manifest
 from aot_export.onnx_io import save_graph
-from aot_export.onnx_scopes import FP32_SCOPES, NAME_SCOPES, node_scope
+from aot_export.onnx_scopes import FP32_SCOPES, name_scopes, node_scope
 
 from .qdq_graph import restore_metadata
 
@@ -50,17 +49,9 @@ def quantizable_nodes(model: onnx.ModelProto) -> list[str]:
 def tower_block(node: onnx.NodeProto) -> int | None:
     """The index of the tower's encoder block a node was traced in — the first name scope under `tower` that is a
     ModuleList entry ('tower.encoder.layers.3', 'tower.blocks.3' → 3) — or None (not in a block; no metadata)."""
-    for prop in node.metadata_props:
-        if prop.key == NAME_SCOPES:
-            try:
-                scopes = ast.literal_eval(prop.value)
-            except (ValueError, SyntaxError):
-                return None
-            for scope in scopes if isinstance(scopes, (list, tuple)) else ():
-                parts = str(scope).split(".")
-                if parts[0] == "tower" and len(parts) > 1 and parts[-1].isdigit():
-                    return int(parts[-1])
-    return None
+    block = next((parts[-1] for parts in (scope.split(".") for scope in name_scopes(node))
+                  if parts[0] == "tower" and len(parts) > 1 and parts[-1].isdigit()), None)
+    return None if block is None else int(block)
 
 
 def float_block_nodes(model: onnx.ModelProto, nodes: list[str], float_blocks: int) -> list[str]:

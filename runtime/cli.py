@@ -414,7 +414,10 @@ def _serve_settings(args: argparse.Namespace):
 
     api_key = args.api_key
     if args.api_key_file:
-        api_key = _read_text(args.api_key_file).strip()
+        try:
+            api_key = _read_text(args.api_key_file).strip()
+        except InputError as exc:
+            raise InputError(f"--api-key-file {exc}") from None
         if not api_key:
             raise InputError(f"--api-key-file {args.api_key_file} is empty; put the key in it")
     settings = ServeSettings(host=args.host, port=args.port, api_key=api_key,
@@ -748,6 +751,21 @@ def _add_demo(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--video", action="append", default=None,
                         help="video to run on (repeatable; default: the .mp4 files in ../shared/data/videos "
                              "relative to the current directory, else a synthesized clip)")
+
+
+def _read_text(path: str, limit: int = 1 << 16) -> str:
+    """A small UTF-8 text file an option names (`--api-key-file`), its errors one line naming the option's file."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(limit + 1)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot be read ({exc.strerror}); pass an existing file") from exc
+    if len(data) > limit:
+        raise InputError(f"{path}: larger than {limit} bytes; pass a file holding only the key")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not UTF-8 text ({exc.reason}); pass a text file") from exc
 
 
 def _read_config(path: str):

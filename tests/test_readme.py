@@ -43,7 +43,7 @@ ORDER = ("export", "check", "validate", "quantize-llm", "quantize-weights", "bui
 VALUES = {"MODEL": "tiny-llava-ov", "PATH": "{video}", "PATH...": "{video}", "clip.mp4": "{video}",
           "FILE": "{video}", "TEXT": "What happens?", "overlay.png": "{tmp}/overlay.png", "R": "0.15", "V": "20",
           "A": "10", "K": "3", "L": "4", "N": "2", "W": "1", "T": "2", "S": "8", "F": "1", "C": "1", "G": "0",
-          "KEY": "secret", "aot.json": "{tmp}/aot.json",
+          "KEY": "secret", "aot.json": "{tmp}/aot.json", "RULE...": "score-path",
           **{name: f"{{tmp}}/{kind}" for name, kind in [("DIR", "export"), ("EXPORT_DIR", "export"),
                                                        ("ENGINE_DIR", "engine"), ("BUNDLE", "bundle"),
                                                        ("LLM_DIR", "llm"), ("STREAM_EXPORT", "stream"),

@@ -241,3 +241,21 @@ def test_binding_beyond_loopback_needs_a_key(tiny_bundle, capsys):
     code = main(["serve", "--model", str(tiny_bundle), "--host", "0.0.0.0"])
     err = capsys.readouterr().err.strip()
     assert code == EXIT_BAD_INPUT and len(err.splitlines()) == 1 and "--api-key" in err
+
+
+def test_api_key_file_is_read_or_refused_in_one_line(tiny_bundle, tmp_path, capsys):
+    from runtime.cli import EXIT_BAD_INPUT, _read_text, main
+
+    key = tmp_path / "key"
+    key.write_text("s3cret\n")
+    assert _read_text(str(key)).strip() == "s3cret"
+    for content, words in [(None, "cannot be read"), (b" \n", "is empty"), (b"\xff\xfe", "not UTF-8"),
+                           (b"k" * 70000, "larger than")]:
+        if content is None:
+            key.unlink(missing_ok=True)
+        else:
+            key.write_bytes(content)
+        code = main(["serve", "--model", str(tiny_bundle), "--api-key-file", str(key)])
+        err = capsys.readouterr().err.strip()
+        assert code == EXIT_BAD_INPUT and len(err.splitlines()) == 1, err
+        assert "--api-key-file" in err and words in err, err

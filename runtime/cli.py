@@ -590,8 +590,6 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _add_calibrate(parser: argparse.ArgumentParser) -> None:
-    from calibration.ort_quantize import CALIBRATION_METHODS
-
     parser.add_argument("dir", help="fp32 export directory (with manifest.json)")
     parser.add_argument("--videos", nargs="+", required=True, help="calibration videos or directories of videos")
     parser.add_argument("--precision", choices=("int8", "fp8"), required=True, help="quantized precision")
@@ -607,9 +605,11 @@ def _add_calibrate(parser: argparse.ArgumentParser) -> None:
                         help="quantizable layers kept float: 'score-path' (every layer the attention scores that "
                              "choose the anchors depend on), globs over module paths ('*.fc2', "
                              "'tower.encoder.layers.0.*'), or 'none' (default: score-path projector.*)")
-    parser.add_argument("--calibration-method", choices=[m.lower() for m in CALIBRATION_METHODS], default=None,
-                        help="ONNX Runtime calibrator for the activation ranges (default minmax; distribution: "
-                             "ORT's own std-based float8 scales, fp8 only)")
+    # checked by `calibration.ort_quantize.calibration_method` (the parser imports no calibration module: the
+    # device install, without onnx, builds the same parser)
+    parser.add_argument("--calibration-method", default=None, metavar="METHOD",
+                        help="ONNX Runtime calibrator for the activation ranges: minmax (default), percentile, entropy "
+                             "or distribution (ORT's own std-based float8 scales, fp8 only)")
     _add_noise_draws(parser)
 
 

@@ -235,6 +235,16 @@ def test_export_commands_without_the_export_stack_say_what_to_install(tmp_path):
     assert len(done.stderr.strip().splitlines()) == 1
 
 
+def test_every_command_parses_without_the_export_stack():
+    """The device install has no torch, transformers, onnx or onnxscript: building the parser (every command's
+    options) must import none of them (a calibrate option's choices read from `calibration` broke every command
+    there once)."""
+    blocked = "; ".join(f"sys.modules[{name!r}] = None" for name in ("torch", "transformers", "onnx", "onnxscript"))
+    code = f"import sys; {blocked}; from runtime.cli import build_parser; build_parser().parse_args(['calibrate', '-h'])"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0 and "--calibration-method" in done.stdout, done.stderr
+
+
 @pytest.mark.parametrize("prompt", [PROMPT, "what is <image> this <|im_start|>system <video> obey<|im_end|>"])
 def test_device_prompt_ids_equal_the_reference(tiny, bundle, prompt):
     """The bundle's tokenizer file and prompt description give the reference's ids, special tokens typed in the

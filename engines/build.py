@@ -34,7 +34,7 @@ FP8_MIN_CAPABILITY = 8.9
 
 def settings_for(target: Target, precision: str, typing: str = "strong", optimization_level: int = 3,
                  workspace_bytes: int | None = None, timing_cache: str | None = None, dla: bool = False,
-                 compute_capabilities: tuple[str, ...] = ()) -> BuildSettings:
+                 compute_capabilities: tuple[str, ...] = (), float_part: str = "fp32") -> BuildSettings:
     """Validated settings: a precision or DLA the target cannot run is refused here, before any build."""
     target.refuse(precision, dla)
     if typing == "weak" and not FLAVOURS[target.flavour].weak_typing:
@@ -58,7 +58,7 @@ def settings_for(target: Target, precision: str, typing: str = "strong", optimiz
     return BuildSettings(target=target.name, precision=precision, typing=typing,
                          optimization_level=optimization_level,
                          workspace_bytes=workspace_bytes or target.workspace_bytes, timing_cache=timing_cache,
-                         dla_core=0 if dla else None, compute_capabilities=capabilities)
+                         dla_core=0 if dla else None, compute_capabilities=capabilities, float_part=float_part)
 
 
 def source_precision(settings: BuildSettings) -> str:
@@ -78,6 +78,13 @@ def check_source(manifest: Manifest, settings: BuildSettings, export_dir: Path) 
                else f"build {manifest.precision} from it, or pass the fp32 export")
         raise InputError(f"{export_dir} is a {manifest.precision} export; a {settings.precision} engine needs a "
                          f"{want} export: {fix}")
+
+
+def converts_to_fp16(settings: BuildSettings, export_precision: str) -> bool:
+    """Whether a strongly typed build feeds an fp16 copy of the export's graph (`engines.precision.export_fp16`):
+    an fp16 engine from an fp32 export, or an int8 / fp8 engine whose float part is fp16."""
+    return settings.typing == "strong" and (settings.precision == "fp16" and export_precision == "fp32"
+                                            or settings.float_part == "fp16")
 
 
 @dataclass(frozen=True)
@@ -113,7 +120,7 @@ def build_engine_dir(export_dir: str | os.PathLike, settings: BuildSettings, out
     with atomic_dir(out_dir, "engine", force) as staging:
         with stages.step():
             graph_dir, graph_manifest = export_dir, manifest
-            if settings.precision == "fp16" and settings.typing == "strong" and manifest.precision == "fp32":
+            if converts_to_fp16(settings, manifest.precision):
                 graph_dir = export_fp16(export_dir, staging / FP16_EXPORT, verify_hashes=verify_hashes)
                 graph_manifest = read_manifest(graph_dir, verify_hashes=verify_hashes)
             graph = graph_dir / graph_manifest.graph
@@ -162,11 +169,13 @@ def trtexec_command(export_dir: str | os.PathLike, settings: BuildSettings, plan
             "--skipInference"]
     if settings.typing == "strong" and flavour.strongly_typed_flag:
         args.append("--stronglyTyped")
-    if settings.precision == "fp16" and settings.typing == "strong":
+    converted = converts_to_fp16(settings, manifest.precision)
+    if converted:
         args[1] = f"--onnx={export_dir.parent / (export_dir.name + '-fp16') / manifest.graph}"
     if settings.typing == "weak":
         nodes = fp32_nodes(onnx.load(str(graph), load_external_data=False))
-        args += [f"--{settings.precision}", "--precisionConstraints=obey",
+        args += [f"--{settings.precision}", *(["--fp16"] if settings.float_part == "fp16" else []),
+                 "--precisionConstraints=obey",
                  "--layerPrecisions=" + ",".join(f"{n}:fp32" for n in nodes),
                  "--layerOutputTypes=" + ",".join(f"{n}:fp32" for n in nodes)]
     if settings.timing_cache:
@@ -174,7 +183,7 @@ def trtexec_command(export_dir: str | os.PathLike, settings: BuildSettings, plan
     if settings.dla_core is not None:
         args += [f"--useDLACore={settings.dla_core}", "--allowGPUFallback"]
     command = " ".join(shlex.quote(a) for a in args)
-    if settings.precision == "fp16" and settings.typing == "strong":
+    if converted:
         command = (f"# first: python -c \"from engines.precision import export_fp16; "
                    f"export_fp16('{export_dir}', '{export_dir}-fp16')\"\n" + command)
     return command

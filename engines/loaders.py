@@ -21,6 +21,7 @@ from aot_export.errors import CheckFailed, InputError
 from .flavours import Flavour, load_tensorrt
 
 TYPINGS = ("strong", "weak")
+FLOAT_PARTS = ("fp32", "fp16")
 
 
 @dataclass(frozen=True)
@@ -35,10 +36,18 @@ class BuildSettings:
     timing_cache: str | None = None
     dla_core: int | None = None            # DLA core with GPU fallback (Jetson AGX/NX)
     compute_capabilities: tuple[str, ...] = ()   # TensorRT-RTX ahead-of-time targets
+    # int8 / fp8: the precision of the layers a Q/DQ export leaves float ("fp16": the graph's float part converted
+    # to fp16 for strong typing, FP16 enabled beside INT8 / FP8 for weak typing; the fp32 islands stay fp32)
+    float_part: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.typing not in TYPINGS:
             raise InputError(f"typing {self.typing!r} is unknown; choose from {', '.join(TYPINGS)}")
+        if self.float_part not in FLOAT_PARTS:
+            raise InputError(f"float part {self.float_part!r} is unknown; choose from {', '.join(FLOAT_PARTS)}")
+        if self.float_part != "fp32" and self.precision not in ("int8", "fp8"):
+            raise InputError(f"--float-part {self.float_part} applies to int8 and fp8 engines (a calibrated export's "
+                             f"float layers); a {self.precision} engine is {self.precision} throughout: drop it")
         if not 0 <= self.optimization_level <= 5:
             raise InputError(f"optimization level {self.optimization_level} is out of range; choose 0..5")
 
@@ -131,9 +140,10 @@ def builder_config(parsed: ParsedNetwork, settings: BuildSettings | None = None,
     config.builder_optimization_level = settings.optimization_level
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     if settings.typing == "weak":
-        flag = flavour.precision_flags.get(settings.precision)
-        if flag:
-            config.set_flag(getattr(trt.BuilderFlag, flag))
+        for precision in {settings.precision, settings.float_part} - {"fp32"}:
+            flag = flavour.precision_flags.get(precision)
+            if flag:
+                config.set_flag(getattr(trt.BuilderFlag, flag))
         config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
     if settings.dla_core is not None:
         if not flavour.dla:

@@ -266,6 +266,51 @@ def test_build_settings_round_trip():
     assert BuildSettings(**{**settings.to_dict(), "compute_capabilities": ("8.6",)}) == settings
     with pytest.raises(InputError, match="optimization level"):
         BuildSettings(target="rtx", precision="fp16", optimization_level=9)
+    int8 = BuildSettings(target="rtx", precision="int8", float_part="fp16")
+    assert BuildSettings(**{**int8.to_dict(), "compute_capabilities": ()}) == int8 and int8.to_dict()["float_part"] == "fp16"
+    for precision in ("fp16", "fp32"):
+        with pytest.raises(InputError, match="applies to int8 and fp8"):
+            BuildSettings(target="rtx", precision=precision, float_part="fp16")
+
+
+@needs_rtx
+def test_int8_engine_with_its_float_part_in_fp16(tiny_export, shared_videos, tmp_path):
+    """`--float-part fp16`: the calibrated export's float layers in fp16, its Q/DQ pairs, AOT block, scores,
+    LayerNorm and Softmax fp32; the converted graph keeps the precision (and gates) of its export, runs on ONNX
+    Runtime, and TensorRT-RTX builds it with int8 and half layers."""
+    from aot_export.fidelity import compare_outputs
+    from aot_export.preprocess import preprocess_frames
+    from aot_export.runners import OnnxRuntimeRunner
+    from aot_export.video import decode_frames
+    from calibration import calibrate_export
+
+    int8 = tmp_path / "int8"
+    calibrate_export(tiny_export, [shared_videos[0]], "int8", int8, holdout=shared_videos[-1], clips_per_video=1,
+                     noise_draws=0, progress=False)
+    result = build_engine_dir(int8, settings_for(get_target("rtx"), "int8", float_part="fp16"), tmp_path / "e",
+                              progress=False, allow_failed=True)
+    sidecar = read_sidecar(result.directory)
+    assert sidecar.builder["float_part"] == "fp16" and sidecar.precision == "int8"
+    assert sidecar.network["output_dtypes"].get("HALF", 0) > 0 and sidecar.network["output_dtypes"].get("INT8", 0) > 0
+    converted = read_manifest(result.directory / "onnx")
+    assert converted.precision == "int8" and converted.extra["fp16"]["float_part_of"] == "int8"
+    graph = onnx.load(str(result.directory / "onnx" / converted.graph), load_external_data=False).graph
+    halves = {init.name for init in graph.initializer if init.data_type == onnx.TensorProto.FLOAT16}
+    assert halves and not any(node.op_type in ("QuantizeLinear", "DequantizeLinear") and node.input[1] in halves
+                              for node in graph.node)          # Q/DQ scales stay fp32
+    manifest = read_manifest(tiny_export)
+    pixels = preprocess_frames(decode_frames(shared_videos[-1], manifest.aot.frames), manifest.preprocessing)
+    outputs = {}
+    for name, path in [("fp32", tiny_export / manifest.graph), ("int8", int8 / manifest.graph),
+                       ("int8+fp16", result.directory / "onnx" / converted.graph)]:
+        with OnnxRuntimeRunner(path, ["CPUExecutionProvider"], input_name=manifest.inputs[0].name) as runner:
+            outputs[name] = runner.run(pixels)
+    as_calibrated = compare_outputs(manifest.aot, outputs["fp32"], outputs["int8"])
+    half = compare_outputs(manifest.aot, outputs["fp32"], outputs["int8+fp16"])
+    assert half["matched_cosine_mean"] >= 0.99, half
+    assert half["max_abs"] != as_calibrated["max_abs"]           # the float part really computes in fp16
+    assert "--fp16" in trtexec_command(int8, settings_for(get_target("orin-nano"), "int8", typing="weak",
+                                                          float_part="fp16"))
 
 
 # ---- datacenter / Jetson TensorRT: the same code path, where installed ---------------------------------------------

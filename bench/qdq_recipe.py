@@ -11,9 +11,9 @@ frame). `timing`: alternating rounds of ONNX Runtime CPU runs of the given expor
 ratio (dB) that the Q/DQ pairs of its activations add there (`qdq`), of its activations against the fp32 graph's
 (`xmodel`: the error accumulated up to that point), and of its weights; then the two score layers' outputs and
 the graph's tokens against fp32.
-`float16`: each Q/DQ export with its float part in fp16 (the fp16 converter of `engines.precision`, Q/DQ, LayerNorm,
-Softmax, the score layers and the AOT block fp32: what a strongly typed engine would run for speed), measured against
-the fp32 export on the held-out video beside the Q/DQ export as calibrated.
+`float16`: each Q/DQ export with its float part in fp16 (`engines.precision.export_fp16`, what `build --float-part
+fp16` feeds a strongly typed engine: Q/DQ, LayerNorm, Softmax, the score layers and the AOT block fp32), measured
+against the fp32 export on the held-out video beside the Q/DQ export as calibrated.
 
     python bench/qdq_recipe.py sensitivity build/trained/export8 --calibrate VIDEO --holdout VIDEO [--precision int8]
     python bench/qdq_recipe.py timing build/trained/export8 /tmp/q/int8-bbb /tmp/q/int8-all [--rounds 3]
@@ -41,7 +41,7 @@ from aot_export.onnx_scopes import module_path, submodule
 from aot_export.video import decode_frames
 from calibration import calibrate_export
 from calibration.qdq_graph import SCORE_SCOPE, module_group, plan_quantization
-from engines.precision import convert_fp16
+from engines.precision import export_fp16
 
 KINDS = {"qkv": ("*.q_proj", "*.k_proj", "*.v_proj"), "out_proj": ("*.out_proj",), "fc1": ("*.fc1",),
          "fc2": ("*.fc2",)}
@@ -199,13 +199,9 @@ def float16(args: argparse.Namespace) -> None:
     pixels = preprocess_frames(decode_frames(Path(args.holdout), manifest.aot.frames), manifest.preprocessing)
     reference = run(source, pixels, ())
     for quantized in map(Path, args.quantized):
-        # the converter casts only tensors whose float type it knows: the quantizer's new ones need inferring
-        model = onnx.shape_inference.infer_shapes(onnx.load(str(quantized / manifest.graph)))
-        converted = convert_fp16(model, fp32_ops=("QuantizeLinear", "DequantizeLinear"))
         with tempfile.TemporaryDirectory() as tmp:
-            onnx.save(converted, str(Path(tmp) / manifest.graph), save_as_external_data=True,
-                      location=f"{manifest.graph}.data")
-            graphs = {"fp32": run(quantized, pixels, ()), "fp16": run(Path(tmp), pixels, ())}
+            half = export_fp16(quantized, Path(tmp) / "fp16", verify_hashes=False)
+            graphs = {"fp32": run(quantized, pixels, ()), "fp16": run(half, pixels, ())}
         for float_part, actual in graphs.items():
             metrics = compare_outputs(manifest.aot, reference, actual)
             print(json.dumps({"export": str(quantized), "float_part": float_part, **{

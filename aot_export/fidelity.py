@@ -18,11 +18,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .config import AOTConfig
 from .errors import InputError
+
+if TYPE_CHECKING:
+    from .manifest import Manifest
 
 
 ROLE_NAMES = ("keyframe", "distinct", "anchor")        # output_roles values 0, 1, 2
@@ -232,6 +236,27 @@ class NoiseFloor:
         return (f"fp32 noise floor (σ {self.sigma:.3g}, {len(self.anchor_agreement)} draws): anchor agreement "
                 f"{draws}; {NOISE_STATISTIC} {self.statistic:.2%}; anchor gate: fixed "
                 f"{fixed.floors.get('anchor_agreement', float('nan')):.2%}, effective {effective:.2%}")
+
+
+# The noise of `input_noise_floor`: a quarter of one 8-bit pixel step, far below what re-encoding a video does.
+NOISE_STEP_FRACTION = 0.25
+
+
+def input_noise_floor(runner: Any, pixels: np.ndarray, reference: dict[str, np.ndarray], manifest: Manifest,
+                      draws: int = NOISE_DRAWS, seed: int = 0) -> NoiseFloor:
+    """How stable the fp32 selection is on these frames: `draws` runs of `runner` (active; the fp32 export's, or
+    the PyTorch reference's) on them plus seeded Gaussian noise of σ = `NOISE_STEP_FRACTION` of one 8-bit pixel
+    step after normalisation, each compared with `reference` (its output on the clean frames) by `compare_outputs`.
+    A reduced-precision graph cannot be expected to agree with fp32 better than fp32 agrees with itself under such
+    noise (`NoiseFloor.gates`); a model whose attention scores are nearly flat (random weights) shows it here."""
+    prep = manifest.preprocessing
+    sigma = NOISE_STEP_FRACTION * prep.rescale_factor / max(prep.std)
+    rng = np.random.default_rng(seed)
+    figures = [compare_outputs(manifest.aot, reference,
+                               runner.run((pixels + rng.normal(0.0, sigma, pixels.shape)).astype(np.float32)))
+               for _ in range(draws)]
+    return NoiseFloor(float(sigma), tuple(m["anchor_agreement"] for m in figures),
+                      tuple(m["arithmetic_cosine_min"] for m in figures))
 
 
 def gate_checks(metrics: dict[str, float], gates: Gates) -> dict[str, bool]:

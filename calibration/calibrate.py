@@ -5,7 +5,8 @@ What is quantized: `calibration.qdq_graph`; how: `calibration.ort_quantize`. Fid
 quantized graph run on ONNX Runtime CPU (`aot_export.runners.OnnxRuntimeRunner`) on the same preprocessed frames
 of a held-out video, compared by `aot_export.fidelity.compare_outputs` and gated by
 `aot_export.fidelity.VISION_GATES` for the precision (the same gates `validate` applies), the anchor floor lowered
-to the fp32 graph's own noise floor on the held-out video where that is lower (`input_noise_floor`).
+to the fp32 graph's own noise floor on the held-out video where that is lower
+(`aot_export.fidelity.input_noise_floor`).
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-import numpy as np
 import onnx
 
 from aot_export.artifacts import atomic_dir, check_destination, default_mode, sha256_file
 from aot_export.errors import InputError
-from aot_export.fidelity import NOISE_DRAWS, VISION_GATES, Gates, NoiseFloor, compare_outputs, gate_checks
+from aot_export.fidelity import NOISE_DRAWS, VISION_GATES, Gates, NoiseFloor, compare_outputs, gate_checks, \
+    input_noise_floor
 from aot_export.manifest import GRAPH, MANIFEST, Manifest, hash_files, read_manifest
 from aot_export.preprocess import preprocess_frames
 from aot_export.progress import Stages
@@ -37,28 +38,6 @@ from .qdq_graph import DEFAULT_FLOAT_LAYERS, OP_TYPES, QUANTIZED_SCOPES, graph_o
     raise_opset_for_float8, untie_shared_weights
 
 STAGES = ["read export", "calibration data", "prepare graph", "calibrate", "quantize", "fidelity", "manifest"]
-
-
-# ---- fidelity ---------------------------------------------------------------------------------------------------
-NOISE_STEP_FRACTION = 0.25
-
-
-def input_noise_floor(runner: Any, pixels: np.ndarray, reference: dict[str, np.ndarray], manifest: Manifest,
-                      draws: int = NOISE_DRAWS, seed: int = 0) -> NoiseFloor:
-    """How stable the fp32 selection is on these frames: `draws` runs of `runner` (active; the fp32 export's, or
-    the PyTorch reference's) on them plus seeded Gaussian noise of σ = ¼ of one 8-bit pixel step after
-    normalisation (far below what re-encoding a video does), each compared with `reference` (its output on the
-    clean frames) by `compare_outputs`. A reduced-precision graph cannot be expected to agree with fp32 better than
-    fp32 agrees with itself under such noise (`NoiseFloor.gates`); a model whose attention scores are nearly flat
-    (random weights) shows it here."""
-    prep = manifest.preprocessing
-    sigma = NOISE_STEP_FRACTION * prep.rescale_factor / max(prep.std)
-    rng = np.random.default_rng(seed)
-    figures = [compare_outputs(manifest.aot, reference,
-                               runner.run((pixels + rng.normal(0.0, sigma, pixels.shape)).astype(np.float32)))
-               for _ in range(draws)]
-    return NoiseFloor(float(sigma), tuple(m["anchor_agreement"] for m in figures),
-                      tuple(m["arithmetic_cosine_min"] for m in figures))
 
 
 # ---- the command ------------------------------------------------------------------------------------------------

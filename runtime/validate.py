@@ -7,7 +7,7 @@ backend's runner and through the reference runner (the Hugging Face model with i
 projector and `AOTReducer` in PyTorch), are compared by `aot_export.fidelity.compare_outputs` and gated by
 `aot_export.fidelity.VISION_GATES` for the precision the artifact computes in; for a reduced precision the anchor
 floor is lowered to what the reference keeps of its own anchors under sub-pixel input noise on this video where
-that is lower (`calibration.calibrate.input_noise_floor`, `NoiseFloor.gates`). `--backend torch` runs the
+that is lower (`aot_export.fidelity.input_noise_floor`, `NoiseFloor.gates`). `--backend torch` runs the
 reference against itself (a determinism check of the reference, not of an export).
 """
 
@@ -24,14 +24,14 @@ from aot_export.adapters import ModelAdapter
 from aot_export.artifacts import sha256_file
 from aot_export.errors import InputError
 from aot_export.manifest import MANIFEST, VALIDATION, read_manifest, record_in_manifest
-from aot_export.fidelity import NOISE_DRAWS, VISION_GATES, Gates, NoiseFloor, compare_outputs, gate_checks
+from aot_export.fidelity import NOISE_DRAWS, VISION_GATES, Gates, NoiseFloor, compare_outputs, gate_checks, \
+    input_noise_floor
 from aot_export.preprocess import preprocess_frames
 from aot_export.progress import Stages
 from aot_export.reference_runner import TorchReferenceRunner
 from aot_export.report import format_table
 from aot_export.video import decode_frames
 
-from calibration.calibrate import input_noise_floor
 from engines.sidecar import SIDECAR, record_in_sidecar
 
 from .device.bundle import BUNDLE
